@@ -1,0 +1,20 @@
+"""polyak-fused: parameter-free Polyak-stepsize optimizers for PyTorch, fused with Triton."""
+
+from .adasps import AdaSPS, adasps
+from .clipped_sgd import ClippedSGD, clipped_sgd
+from .decsps import DecSPS, decsps
+from .dog import DoG, dog
+from .inexact_polyak import InexactPolyak, inexact_polyak
+from .nsgdm import NSGDM, nsgdm
+from .polyak import Polyak, polyak
+
+__all__ = [
+    "InexactPolyak", "inexact_polyak",
+    "Polyak", "polyak",
+    "DecSPS", "decsps",
+    "AdaSPS", "adasps",
+    "DoG", "dog",
+    "ClippedSGD", "clipped_sgd",
+    "NSGDM", "nsgdm",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,14 @@
+"""The one door to the Triton path. Imported lazily so that the eager reference works where
+Triton is not installed (macOS, Windows)."""
+
+from __future__ import annotations
+
+
+def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hparams: dict,
+              cache: dict | None) -> None:
+    try:
+        from csrc_triton.polyak_step import polyak_step_
+    except ImportError as err:  # pragma: no cover - only where triton is missing
+        raise RuntimeError(
+            "the fused path needs Triton (pip install triton); use fused=False") from err
+    polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache)

@@ -1,0 +1,50 @@
+"""Small eager helpers the reference implementations share. Each reads like the math it names.
+
+Precision: per-element math runs in float32 for float32/bfloat16/float16 tensors and in float64
+for float64 tensors (`math_dtype`); scalars (loss, norms, step sizes) in the optimizer's scalar
+dtype (float64 if any parameter is float64, else float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def up(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in its math dtype (a copy only when the dtype changes)."""
+    return t.to(math_dtype(t))
+
+
+def sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sum_i ||t_i||^2 over all tensors: the square of one global L2 norm."""
+    parts = [up(t).square().sum().to(dtype) for t in tensors]
+    return torch.stack(parts).sum()
+
+
+def is_finite(*scalars: torch.Tensor) -> torch.Tensor:
+    """True (a 0-d bool tensor, no host sync) when every scalar is finite."""
+    ok = torch.isfinite(scalars[0])
+    for s in scalars[1:]:
+        ok = ok & torch.isfinite(s)
+    return ok
+
+
+def write_if(finite: torch.Tensor, target: torch.Tensor, value: torch.Tensor) -> None:
+    """target <- value when `finite`, else leave target bitwise unchanged (a skipped step)."""
+    target.copy_(torch.where(finite, value.to(target.dtype), target))
+
+
+def descend(params, directions, lrs, eta: torch.Tensor, finite: torch.Tensor) -> None:
+    """x <- x - lr_group * eta * d for every tensor, unless the step is skipped."""
+    for x, d, lr in zip(params, directions, lrs):
+        write_if(finite, x, up(x) - (lr * eta).to(math_dtype(x)) * up(d))
+
+
+def count_step(scalars: dict, finite: torch.Tensor) -> None:
+    """step += 1 for a taken step, skipped += 1 for a skipped one."""
+    scalars["step"].add_(finite.to(scalars["step"].dtype))
+    scalars["skipped"].add_((~finite).to(scalars["skipped"].dtype))

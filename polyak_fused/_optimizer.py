@@ -1,0 +1,241 @@
+"""What every optimizer of the package shares: the loss argument, the global scalar state,
+validation, and the choice between the fused Triton path and the eager reference.
+
+A subclass declares:
+  METHOD          the name of its step rule (the key of the fused kernels' METHOD flag);
+  SCALARS         the names of its global scalar state, in order (one value for all params);
+  BUFFERS         the names of its per-parameter state tensors;
+  GLOBAL_HPARAMS  hyperparameters that define the one global step size, equal in every group;
+  NEEDS_LOSS      whether step() must be given the loss;
+and implements `_initial_scalars()` and `_run(...)`, which calls its functional form.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import torch
+
+#: sum(g^2) at or below this value counts as a zero gradient: the step is zero (never inf/NaN).
+#: It is ||g|| <= 1e-8, the threshold of the SPS and SLS reference codes.
+TINY_GRAD_SQ = 1e-16
+
+#: Scalars every optimizer keeps: the number of steps taken and the number skipped because
+#: the loss or a gradient was not finite.
+COMMON_SCALARS = ("step", "skipped")
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=False, allow_inf=False):
+    """Raise ValueError("Invalid <name>: <value>") unless value is a real number in range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"Invalid {name}: {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"Invalid {name}: {value} (must be {'>' if low_open else '>='} {low})")
+    if high is not None and value > high:
+        raise ValueError(f"Invalid {name}: {value} (must be <= {high})")
+
+
+def check_lr(value):
+    """A group's lr: a non-negative finite float, or a one-element tensor (for CUDA graphs)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"Invalid lr: a tensor lr must be one floating value, got {value!r}")
+        return
+    check_number("lr", value, low=0.0)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
+    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never."""
+    if fused is False:
+        return False
+    on_cuda = all(p.is_cuda for p in params)
+    fp64 = any(p.dtype == torch.float64 for p in params)
+    if fused is None:
+        return on_cuda and not fp64
+    if fp64:
+        raise RuntimeError(
+            "fused=True does not take float64 parameters (the kernels compute in float32); "
+            "use fused=False or fused=None for float64")
+    if not on_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
+            "CPU); got parameters on " + ", ".join(sorted({str(p.device) for p in params})))
+    return True
+
+
+def as_loss_tensor(loss, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The loss as a 0-d tensor on the parameters' device, without a host sync."""
+    if torch.is_tensor(loss):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"Invalid loss: expected a scalar (one element), got a tensor of shape "
+                f"{tuple(loss.shape)}; reduce it (e.g. loss.mean()) first")
+        if loss.is_complex() or not (loss.is_floating_point() or loss.dtype in
+                                     (torch.int32, torch.int64)):
+            raise ValueError(f"Invalid loss: expected a real floating scalar, got dtype {loss.dtype}")
+        return loss.detach().reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return torch.full((), float(loss), device=device, dtype=dtype)
+    raise TypeError(f"Invalid loss: expected a 0-d tensor or a float, got {type(loss).__name__}")
+
+
+class PolyakFamilyOptimizer(torch.optim.Optimizer):
+    """Base class; see the module docstring. Not for direct use."""
+
+    METHOD: str = ""
+    SCALARS: tuple[str, ...] = ()
+    BUFFERS: tuple[str, ...] = ()
+    GLOBAL_HPARAMS: tuple[str, ...] = ()
+    NEEDS_LOSS: bool = True
+
+    def __init__(self, params, defaults: dict, *, fused: bool | None):
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        self.fused = fused
+        self._fused_cache: dict = {}
+        super().__init__(params, defaults)
+
+    # ---- param groups -------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        for name in self.GLOBAL_HPARAMS:
+            if name in param_group and getattr(self, "param_groups", None):
+                if param_group[name] != self.defaults[name]:
+                    raise ValueError(
+                        f"Invalid {name}: {param_group[name]!r} in a param group; {name} sets the one "
+                        f"global step size and must equal the optimizer's ({self.defaults[name]!r})")
+        if "lr" in param_group:
+            check_lr(param_group["lr"])
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        self._fused_cache.clear()
+
+    # ---- global scalar state ------------------------------------------------------------------
+    @property
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """The global scalar state as 0-d device tensors (views into one packed buffer).
+
+        Reading them never syncs; call .item() yourself outside the training loop if needed."""
+        self._ensure_scalars()
+        return self.state["scalars"]
+
+    def _initial_scalars(self) -> dict[str, float]:
+        """Initial value of every name in SCALARS (besides step and skipped, which start at 0)."""
+        return {}
+
+    def _scalar_dtype(self) -> torch.dtype:
+        params = [p for g in self.param_groups for p in g["params"]]
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+    def _device(self) -> torch.device:
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs all parameters on one device, got {sorted(map(str, devices))}")
+        return devices.pop()
+
+    def _ensure_scalars(self, values: dict | None = None) -> None:
+        """Create the packed scalar buffer (or refill it from `values`, e.g. a loaded state)."""
+        names = COMMON_SCALARS + self.SCALARS
+        current = self.state.get("scalars")
+        packed = getattr(self, "_packed_scalars", None)
+        if values is None and packed is not None and current is not None:
+            return
+        init = {"step": 0.0, "skipped": 0.0, **self._initial_scalars()}
+        packed = torch.tensor([init[n] for n in names], dtype=self._scalar_dtype()).to(self._device())
+        if values is not None:
+            for i, n in enumerate(names):
+                if n in values:
+                    packed[i].copy_(torch.as_tensor(values[n]).reshape(()))
+        self._packed_scalars = packed
+        self.state["scalars"] = {n: packed[i] for i, n in enumerate(names)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        loaded = self.state.pop("scalars", None)
+        self._packed_scalars = None
+        self._fused_cache.clear()
+        if loaded is not None:
+            self._ensure_scalars(values=loaded)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fused_cache", {})
+
+    # ---- step ---------------------------------------------------------------------------------
+    def _collect(self):
+        """Params with a gradient, their grads, and per-param group lrs; validates first."""
+        params, grads, lrs = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
+                params.append(p)
+                grads.append(p.grad)
+                lrs.append(group["lr"])
+        return params, grads, lrs
+
+    def _state_buffers(self, params) -> dict[str, list[torch.Tensor]]:
+        """Per-parameter state tensors, created on first use by `_init_buffer`."""
+        out = {name: [] for name in self.BUFFERS}
+        for p in params:
+            st = self.state[p]
+            for name in self.BUFFERS:
+                if name not in st:
+                    st[name] = self._init_buffer(name, p)
+                    self._fused_cache.clear()
+                out[name].append(st[name])
+        return out
+
+    def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, loss=None):
+        """One optimizer step. Give the loss of the batch whose gradients are in .grad, either as
+        `loss=` (a 0-d tensor, kept on the device, or a float) or through `closure`, which
+        re-evaluates the model and returns the loss. Returns the loss."""
+        if closure is not None and loss is not None:
+            raise ValueError("step() takes a closure or loss=, not both")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.NEEDS_LOSS and loss is None:
+            raise ValueError(
+                f"{type(self).__name__} computes its step size from the loss: call "
+                f"step(loss=loss) with the loss of the batch whose gradients were just computed "
+                f"(or pass a closure)")
+        params, grads, lrs = self._collect()
+        if not params:
+            return loss
+        device = self._device()
+        self._ensure_scalars()
+        dtype = self._packed_scalars.dtype
+        loss_t = None
+        if loss is not None:
+            loss_t = as_loss_tensor(loss, device, dtype)
+        elif self.NEEDS_LOSS:  # pragma: no cover - handled above
+            raise AssertionError
+        fused = use_fused_path(self.fused, params)
+        buffers = self._state_buffers(params)
+        self._run(params, grads, buffers, lrs, loss_t, fused)
+        return loss
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        raise NotImplementedError
+
+    def _hparams(self) -> dict:
+        return {name: self.defaults[name] for name in self.GLOBAL_HPARAMS}

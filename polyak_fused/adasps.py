@@ -1,0 +1,88 @@
+"""AdaSPS (Jiang & Stich, NeurIPS 2023): class, functional form, eager reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _eager as E
+from ._dispatch import run_fused
+from ._optimizer import COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number
+
+__all__ = ["AdaSPS", "adasps"]
+
+SCALARS = ("step_size", "gap_sum")
+
+
+class AdaSPS(PolyakFamilyOptimizer):
+    r"""AdaSPS (Jiang & Stich, NeurIPS 2023): a Polyak step damped by the accumulated gaps.
+
+    .. math::
+        \eta_t = \min\Big\{\frac{f(x_t) - l^*}{c_p\,\|\nabla f(x_t)\|^2\,
+        \sqrt{\sum_{s=0}^{t} (f(x_s) - l^*)}},\ \eta_{t-1}\Big\},\quad \eta_{-1} = +\infty,
+        \qquad x_{t+1} = x_t - \mathrm{lr}\cdot\eta_t\nabla f(x_t)
+
+    Symbols: c_p = ``c_p``; l* = ``lower_bound``; f(x_t) = the ``loss``; the gaps
+    f - l* are clamped at 0. ``scalars["gap_sum"]`` is the running sum,
+    ``scalars["step_size"]`` is eta_{t-1} (+inf before the first step).
+
+    Args:
+        params: parameters or param groups (groups may set their own ``lr``).
+        c_p (float): c_p > 0 (default 1.0).
+        lower_bound (float): l* (default 0.0).
+        lr (float or tensor): multiplier on the computed step (default 1.0).
+        fused (bool or None): as in :class:`InexactPolyak`.
+
+    Guards: a zero gap with a zero gap sum gives a zero ratio (0/0 := 0);
+    ||g||^2 <= 1e-16 gives a zero step and counts the ratio as +inf, so eta keeps its value;
+    a non-finite loss or gradient skips the step (parameters and state bitwise unchanged,
+    ``scalars["skipped"]`` += 1).
+
+    .. warning::
+        eta never grows: a huge first gradient makes every step tiny (the first step is
+        sqrt(f_0 - l*)/(c_p ||g_0||^2)); and one loss equal to l* sets eta to 0 for good.
+    """
+
+    METHOD = "adasps"
+    SCALARS = SCALARS
+    GLOBAL_HPARAMS = ("c_p", "lower_bound")
+
+    def __init__(self, params, c_p: float = 1.0, lower_bound: float = 0.0, lr=1.0, *,
+                 fused: bool | None = None):
+        check_number("c_p", c_p, low=0.0, low_open=True)
+        check_number("lower_bound", lower_bound)
+        defaults = dict(lr=lr, c_p=float(c_p), lower_bound=float(lower_bound))
+        super().__init__(params, defaults, fused=fused)
+
+    def _initial_scalars(self):
+        return {"step_size": math.inf, "gap_sum": 0.0}
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        adasps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
+               cache=self._fused_cache, **self._hparams())
+
+
+def adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, fused=False, cache=None):
+    """Functional form of :class:`AdaSPS` (packed scalars: step, skipped, step_size, gap_sum)."""
+    hp = dict(c_p=c_p, lower_bound=lower_bound)
+    if fused:
+        run_fused("adasps", params, grads, {}, lrs, loss, scalars, hp, cache)
+    else:
+        _reference_adasps(params, grads, scalars, lrs=lrs, loss=loss, **hp)
+
+
+def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grad_sq = E.sum_of_squares(grads, scalars.dtype)                     # ||g_t||^2
+    finite = E.is_finite(loss, grad_sq)
+    gap = (loss - lower_bound).clamp(min=0)                              # f(x_t) - l*
+    gap_sum = s["gap_sum"] + gap                                         # sum_{s<=t} (f - l*)
+    ratio = torch.where(gap > 0, gap / (c_p * grad_sq * torch.sqrt(gap_sum)), 0.0)
+    ratio = torch.where(grad_sq > TINY_GRAD_SQ, ratio, math.inf)
+    eta = torch.minimum(ratio, s["step_size"])                           # min{ratio, eta_{t-1}}
+    step = torch.where(grad_sq > TINY_GRAD_SQ, eta, 0.0)
+    E.descend(params, grads, lrs, step, finite)                          # x <- x - lr eta g
+    E.write_if(finite, s["gap_sum"], gap_sum)
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)

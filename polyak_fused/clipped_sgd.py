@@ -1,0 +1,103 @@
+"""SGD with clip-by-global-norm applied inside the step: class, functional form, eager reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _eager as E
+from ._dispatch import run_fused
+from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number
+
+__all__ = ["ClippedSGD", "clipped_sgd"]
+
+SCALARS = ("grad_norm", "clip_coef")
+
+#: Added to the norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
+CLIP_EPS = 1e-6
+
+
+class ClippedSGD(PolyakFamilyOptimizer):
+    r"""Clipped (stochastic) gradient descent, eq. (4) of Takezawa et al., with heavy-ball momentum.
+
+    .. math::
+        \kappa_t = \min\Big\{1,\ \frac{c}{\|g_t\| + 10^{-6}}\Big\},\qquad
+        m_t = \mu\, m_{t-1} + \kappa_t g_t,\qquad x_{t+1} = x_t - \mathrm{lr}\cdot m_t
+
+    (m_{-1} = 0; with mu = 0 this is x <- x - lr kappa g.) Symbols: c = ``max_norm``;
+    mu = ``momentum``; ||g|| = one L2 norm over every parameter of every group. This is exactly
+    ``clip_grad_norm_(params, max_norm)`` followed by ``torch.optim.SGD(lr, momentum)``, except
+    that the ``.grad`` tensors are left untouched.
+
+    Args:
+        params: parameters or param groups (groups may set their own ``lr``).
+        lr (float or tensor): the learning rate (required).
+        max_norm (float): clipping threshold c > 0 (default inf: no clipping).
+        momentum (float): mu in [0, 1) (default 0.0).
+        fused (bool or None): as in :class:`InexactPolyak`.
+
+    ``scalars["grad_norm"]`` and ``scalars["clip_coef"]`` hold the last step's pre-clip norm and
+    kappa. A non-finite gradient (or loss, when one is given) skips the step: parameters and
+    state stay bitwise unchanged and ``scalars["skipped"]`` += 1. The loss is optional.
+    """
+
+    METHOD = "clipped_sgd"
+    SCALARS = SCALARS
+    GLOBAL_HPARAMS = ("max_norm", "momentum")
+    NEEDS_LOSS = False
+
+    def __init__(self, params, lr, max_norm: float = math.inf, momentum: float = 0.0, *,
+                 fused: bool | None = None):
+        if not torch.is_tensor(lr):
+            check_number("lr", lr, low=0.0)
+        check_number("max_norm", max_norm, low=0.0, low_open=True, allow_inf=True)
+        check_number("momentum", momentum, low=0.0)
+        if momentum >= 1.0:
+            raise ValueError(f"Invalid momentum: {momentum} (must be < 1)")
+        self.BUFFERS = ("momentum_buffer",) if momentum > 0 else ()
+        defaults = dict(lr=lr, max_norm=float(max_norm), momentum=float(momentum))
+        super().__init__(params, defaults, fused=fused)
+
+    def _initial_scalars(self):
+        return {"grad_norm": 0.0, "clip_coef": 1.0}
+
+    def _init_buffer(self, name, p):
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        clipped_sgd(params, grads, buffers.get("momentum_buffer"), self._packed_scalars, lrs=lrs,
+                    loss=loss, fused=fused, cache=self._fused_cache, **self._hparams())
+
+
+def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max_norm, momentum,
+                fused=False, cache=None):
+    """Functional form of :class:`ClippedSGD` (packed scalars: step, skipped, grad_norm,
+    clip_coef). ``momentum_buffers`` is None when momentum is 0."""
+    hp = dict(max_norm=max_norm, momentum=momentum)
+    if fused:
+        bufs = {"momentum_buffer": momentum_buffers} if momentum > 0 else {}
+        run_fused("clipped_sgd", params, grads, bufs, lrs, loss, scalars, hp, cache)
+    else:
+        _reference_clipped_sgd(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp)
+
+
+def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss, max_norm,
+                           momentum):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grad_sq = E.sum_of_squares(grads, scalars.dtype)
+    finite = E.is_finite(grad_sq) if loss is None else E.is_finite(grad_sq, loss)
+    norm = torch.sqrt(grad_sq)                                        # ||g_t||
+    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)              # kappa_t
+    if momentum > 0:
+        directions = []
+        for m, g in zip(momentum_buffers, grads):
+            m_new = momentum * E.up(m) + coef.to(E.math_dtype(g)) * E.up(g)  # m = mu m + kappa g
+            E.write_if(finite, m, m_new)
+            directions.append(m)
+        E.descend(params, directions, lrs, torch.ones_like(coef), finite)  # x <- x - lr m
+    else:
+        E.descend(params, grads, lrs, coef, finite)                  # x <- x - lr kappa g
+    E.write_if(finite, s["grad_norm"], norm)
+    E.write_if(finite, s["clip_coef"], coef)
+    E.count_step(s, finite)

@@ -1,0 +1,101 @@
+"""DoG, "Distance over Gradients" (Ivgi, Hinder, Carmon, ICML 2023): class, functional form,
+eager reference."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _eager as E
+from ._dispatch import run_fused
+from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number
+
+__all__ = ["DoG", "dog"]
+
+SCALARS = ("step_size", "rbar", "G")
+
+#: Added to G on the first step, as in the authors' code, so that eta is finite.
+DOG_EPS = 1e-8
+
+
+class DoG(PolyakFamilyOptimizer):
+    r"""DoG: the step is the distance travelled over the root of the summed squared gradients.
+
+    .. math::
+        d_t = g_t + \lambda x_t,\qquad
+        \bar r_t = \max\big(r_\epsilon,\ \max_{i\le t}\|x_i - x_0\|\big),\quad
+        r_\epsilon = \mathrm{reps\_rel}\,(1 + \|x_0\|),\qquad
+        G_t = \epsilon + \sum_{i\le t}\|d_i\|^2,
+
+        \eta_t = \frac{\bar r_t}{\sqrt{G_t}},\qquad x_{t+1} = x_t - \mathrm{lr}\cdot\eta_t d_t
+
+    Symbols: lambda = ``weight_decay`` (coupled, as in the authors' code); eps = 1e-8;
+    all norms are global over every parameter of every group (the authors' code takes one norm
+    per group). x_0 is kept per parameter as state ``"x0"``; ``scalars`` holds ``rbar`` and ``G``.
+
+    Args:
+        params: parameters or param groups (groups may set their own ``lr``).
+        reps_rel (float): r_eps relative to 1 + ||x_0|| (default 1e-6; the authors advise 1e-4
+            with batch norm).
+        lr (float or tensor): multiplier (default 1.0; the authors advise leaving it at 1).
+        weight_decay (float): coupled L2 coefficient lambda >= 0 (default 0.0).
+        fused (bool or None): as in :class:`InexactPolyak`.
+
+    Guards: G >= eps > 0, so eta is always finite; a zero gradient moves nothing. A
+    non-finite gradient skips the step (parameters and state bitwise unchanged,
+    ``scalars["skipped"]`` += 1). The loss is optional and unused except for that check.
+
+    .. warning::
+        The authors pair DoG with a polynomial-decay average of the iterates; the last iterate
+        can be noisy (the Takezawa et al. paper found DoG "very unstable" on Nano-GPT).
+    """
+
+    METHOD = "dog"
+    SCALARS = SCALARS
+    BUFFERS = ("x0",)
+    GLOBAL_HPARAMS = ("reps_rel", "weight_decay")
+    NEEDS_LOSS = False
+
+    def __init__(self, params, reps_rel: float = 1e-6, lr=1.0, weight_decay: float = 0.0, *,
+                 fused: bool | None = None):
+        check_number("reps_rel", reps_rel, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        defaults = dict(lr=lr, reps_rel=float(reps_rel), weight_decay=float(weight_decay))
+        super().__init__(params, defaults, fused=fused)
+
+    def _initial_scalars(self):
+        return {"step_size": 0.0, "rbar": 0.0, "G": 0.0}
+
+    def _init_buffer(self, name, p):
+        return p.detach().clone(memory_format=torch.preserve_format)  # x_0
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        dog(params, grads, buffers["x0"], self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
+            cache=self._fused_cache, **self._hparams())
+
+
+def dog(params, grads, x0s, scalars, *, lrs, loss=None, reps_rel, weight_decay, fused=False,
+        cache=None):
+    """Functional form of :class:`DoG` (packed scalars: step, skipped, step_size, rbar, G)."""
+    hp = dict(reps_rel=reps_rel, weight_decay=weight_decay)
+    if fused:
+        run_fused("dog", params, grads, {"x0": x0s}, lrs, loss, scalars, hp, cache)
+    else:
+        _reference_dog(params, grads, x0s, scalars, lrs=lrs, loss=loss, **hp)
+
+
+def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    dt = scalars.dtype
+    d = [E.up(g) + weight_decay * E.up(x) for g, x in zip(grads, params)]  # d_t = g_t + lambda x_t
+    grad_sq = E.sum_of_squares(d, dt)                                       # ||d_t||^2
+    finite = E.is_finite(grad_sq) if loss is None else E.is_finite(grad_sq, loss)
+    dist = torch.sqrt(E.sum_of_squares([E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)], dt))
+    r_eps = reps_rel * (1 + torch.sqrt(E.sum_of_squares(x0s, dt)))         # reps_rel (1+||x_0||)
+    rbar = torch.maximum(torch.maximum(s["rbar"], dist), r_eps)
+    G = s["G"] + grad_sq + torch.where(s["step"] == 0, DOG_EPS, 0.0)
+    eta = rbar / torch.sqrt(G)                                              # eta_t = rbar_t / sqrt(G_t)
+    E.descend(params, d, lrs, eta, finite)                                  # x <- x - lr eta d
+    E.write_if(finite, s["rbar"], rbar)
+    E.write_if(finite, s["G"], G)
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)

@@ -1,0 +1,157 @@
+"""Inexact Polyak Stepsize (Takezawa et al., NeurIPS 2024): the optimizer class, its functional
+form and its eager reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _eager as E
+from ._dispatch import run_fused
+from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, as_loss_tensor,
+                         check_number)
+
+__all__ = ["InexactPolyak", "inexact_polyak"]
+
+SCALARS = ("step_size", "best_loss")
+
+
+class InexactPolyak(PolyakFamilyOptimizer):
+    r"""Clipped gradient descent with no step size and no clipping threshold to tune.
+
+    .. math::
+        \eta_t = \mathrm{lr}\cdot\frac{\max(f(x_t) - l^*,\,0)}{\sqrt{T}\,\|\nabla f(x_t)\|^2},
+        \qquad x_{t+1} = x_t - \eta_t \nabla f(x_t)
+
+    (eq. 14 / Algorithm 1 of Takezawa, Bao, Sato, Niwa, Yamada, "Polyak Meets Parameter-free
+    Clipped Gradient Descent", NeurIPS 2024). The update length (f - l*)/(sqrt(T) ||g||) grows as
+    the gradient shrinks, which is the clipping behaviour, and the 1/sqrt(T) factor keeps the
+    error of an inexact lower bound l* <= f* from blowing up near the optimum.
+
+    Symbols: f(x_t) = the ``loss`` given to ``step``; l* = ``lower_bound``; T = ``total_steps``;
+    ||g|| = one L2 norm over every parameter of every group; lr = the group's ``lr``.
+
+    Args:
+        params: parameters or param groups. Groups may set their own ``lr``; every group shares
+            the norm, the loss, ``total_steps`` and ``lower_bound``.
+        total_steps (int): T, the number of ``step()`` calls the run will make. Required: it is
+            the horizon, not the current step, and changing it changes every step size.
+        lower_bound (float): l*, a lower bound on every loss you pass (default 0.0, right for
+            cross-entropy and squared losses).
+        lr (float or tensor): a multiplier on the computed step (default 1.0, the paper's
+            method), so LR schedulers work. A one-element tensor is read on the device.
+        track_best (bool): keep the best iterate of Algorithm 1 (one extra copy of the
+            parameters): ``best_loss`` is the lowest loss seen and ``load_best()`` copies that
+            iterate into the parameters. The paper uses it for convex problems, not for
+            networks.
+        fused (bool or None): None takes the Triton kernels for CUDA tensors and the eager
+            reference otherwise; True insists on the kernels; False always takes the reference.
+
+    Guards (the same in the fused path):
+        * ||g||^2 <= 1e-16: the step is zero (no inf, no NaN).
+        * f(x_t) < l*: the step is zero (the gap is clamped at 0).
+        * a non-finite loss or gradient: the step is skipped; parameters and state stay
+          bitwise unchanged and ``scalars["skipped"]`` counts it. No exception, no host sync.
+
+    .. warning::
+        l* must lower-bound the loss you pass, including any auxiliary or regularisation term,
+        and the gradient must be the gradient of that same loss. With a loss that can go below
+        l* the method does not descend; with a loose l* far below the reachable loss the steps
+        stay long and the iterates bounce (their size is of order (f - l*)/sqrt(T)).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = InexactPolyak(model.parameters(), total_steps=100)
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> for _ in range(100):
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     _ = opt.step(loss=loss)
+    """
+
+    METHOD = "inexact_polyak"
+    SCALARS = SCALARS
+    GLOBAL_HPARAMS = ("total_steps", "lower_bound", "track_best")
+
+    def __init__(self, params, total_steps: int, lower_bound: float = 0.0, lr=1.0,
+                 track_best: bool = False, *, fused: bool | None = None):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 1)")
+        check_number("lower_bound", lower_bound)
+        if not isinstance(track_best, bool):
+            raise ValueError(f"Invalid track_best: {track_best!r} (expected a bool)")
+        self.BUFFERS = ("best",) if track_best else ()
+        defaults = dict(lr=lr, total_steps=total_steps, lower_bound=float(lower_bound),
+                        track_best=track_best)
+        super().__init__(params, defaults, fused=fused)
+
+    def _initial_scalars(self):
+        return {"step_size": 0.0, "best_loss": math.inf}
+
+    def _init_buffer(self, name, p):
+        return p.detach().clone(memory_format=torch.preserve_format)  # x_best <- x_0
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        inexact_polyak(params, grads, buffers.get("best"), self._packed_scalars, lrs=lrs,
+                       loss=loss, fused=fused, cache=self._fused_cache, **self._hparams())
+
+    @property
+    def best_loss(self) -> torch.Tensor:
+        """The lowest loss seen so far (a 0-d device tensor; +inf before the first step)."""
+        return self.scalars["best_loss"]
+
+    @torch.no_grad()
+    def load_best(self, loss=None) -> None:
+        """Copy the best iterate into the parameters (needs ``track_best=True``).
+
+        Pass ``loss`` = f(x_T) of the current parameters to let the last iterate, whose loss no
+        step() has seen, compete too (Algorithm 1 compares f(x_{t+1}) after every update)."""
+        if not self.defaults["track_best"]:
+            raise RuntimeError("load_best() needs InexactPolyak(..., track_best=True)")
+        params = [p for g in self.param_groups for p in g["params"] if "best" in self.state[p]]
+        if not params:
+            return
+        s = self.scalars
+        if loss is not None:
+            f = as_loss_tensor(loss, s["best_loss"].device, s["best_loss"].dtype)
+            improved = torch.isfinite(f) & (f <= s["best_loss"])
+            for p in params:
+                E.write_if(improved, self.state[p]["best"], p)
+            E.write_if(improved, s["best_loss"], f)
+        for p in params:
+            p.copy_(self.state[p]["best"])
+
+
+def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
+                   best_params: list[torch.Tensor] | None, scalars: torch.Tensor, *, lrs: list,
+                   loss: torch.Tensor, total_steps: int, lower_bound: float, track_best: bool,
+                   fused: bool = False, cache: dict | None = None) -> None:
+    """Functional form of :class:`InexactPolyak`: one step over flat lists, in place.
+
+    ``scalars`` is the packed global state (step, skipped, step_size, best_loss)."""
+    hp = dict(total_steps=total_steps, lower_bound=lower_bound, track_best=track_best)
+    if fused:
+        bufs = {"best": best_params} if track_best else {}
+        run_fused("inexact_polyak", params, grads, bufs, lrs, loss, scalars, hp, cache)
+    else:
+        _reference_inexact_polyak(params, grads, best_params, scalars, lrs=lrs, loss=loss, **hp)
+
+
+def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
+                              lower_bound, track_best):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grad_sq = E.sum_of_squares(grads, scalars.dtype)                  # ||g_t||^2
+    finite = E.is_finite(loss, grad_sq)
+    gap = (loss - lower_bound).clamp(min=0)                           # (f(x_t) - l*)_+
+    eta = torch.where(grad_sq > TINY_GRAD_SQ,
+                      gap / (math.sqrt(total_steps) * grad_sq), 0.0)  # eq. 14
+    if track_best:  # Algorithm 1: if f(x_t) <= f_best: f_best, x_best <- f(x_t), x_t
+        improved = finite & (loss <= s["best_loss"])
+        for x, b in zip(params, best_params):
+            E.write_if(improved, b, x)
+        E.write_if(improved, s["best_loss"], loss)
+    E.descend(params, grads, lrs, eta, finite)                        # x <- x - lr * eta * g
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)

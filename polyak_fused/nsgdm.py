@@ -1,0 +1,98 @@
+"""Normalized SGD with momentum (Cutkosky & Mehta 2020; parameter-agnostic schedule of Hübler et
+al. 2024): class, functional form, eager reference."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _eager as E
+from ._dispatch import run_fused
+from ._optimizer import COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number
+
+__all__ = ["NSGDM", "nsgdm"]
+
+SCALARS = ("step_size",)
+SCHEDULES = ("constant", "agnostic")
+
+
+class NSGDM(PolyakFamilyOptimizer):
+    r"""Normalized SGD with momentum: every step has length lr (times a schedule).
+
+    .. math::
+        m_t = \beta_t m_{t-1} + (1-\beta_t) g_t,\qquad
+        x_{t+1} = x_t - \mathrm{lr}\cdot s_t\,\frac{m_t}{\|m_t\|}
+
+    with t = 1, 2, ... and m_0 = 0. ``schedule="constant"``: beta_t = ``beta``, s_t = 1.
+    ``schedule="agnostic"`` (Hübler, Yang, Li, He, AISTATS 2024): beta_t = 1 - t^{-1/2},
+    s_t = t^{-3/4} (``beta`` is then unused). ||m|| is one norm over every parameter of every
+    group. ``scalars["step_size"]`` holds s_t / ||m_t||.
+
+    Args:
+        params: parameters or param groups (groups may set their own ``lr``).
+        lr (float or tensor): the step length (required).
+        beta (float): momentum beta in [0, 1) for the constant schedule (default 0.9).
+        schedule (str): "constant" or "agnostic" (default "constant").
+        fused (bool or None): as in :class:`InexactPolyak`.
+
+    Guards: ||m_t||^2 <= 1e-16 gives a zero step; a non-finite gradient (or loss, when one is
+    given) skips the step: parameters, momentum and counters stay bitwise unchanged and
+    ``scalars["skipped"]`` += 1. The loss is optional.
+    """
+
+    METHOD = "nsgdm"
+    SCALARS = SCALARS
+    BUFFERS = ("momentum_buffer",)
+    GLOBAL_HPARAMS = ("beta", "schedule")
+    NEEDS_LOSS = False
+
+    def __init__(self, params, lr, beta: float = 0.9, schedule: str = "constant", *,
+                 fused: bool | None = None):
+        if not torch.is_tensor(lr):
+            check_number("lr", lr, low=0.0)
+        check_number("beta", beta, low=0.0)
+        if beta >= 1.0:
+            raise ValueError(f"Invalid beta: {beta} (must be < 1)")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {SCHEDULES})")
+        defaults = dict(lr=lr, beta=float(beta), schedule=schedule)
+        super().__init__(params, defaults, fused=fused)
+
+    def _initial_scalars(self):
+        return {"step_size": 0.0}
+
+    def _init_buffer(self, name, p):
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        nsgdm(params, grads, buffers["momentum_buffer"], self._packed_scalars, lrs=lrs, loss=loss,
+              fused=fused, cache=self._fused_cache, **self._hparams())
+
+
+def nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss=None, beta, schedule,
+          fused=False, cache=None):
+    """Functional form of :class:`NSGDM` (packed scalars: step, skipped, step_size)."""
+    hp = dict(beta=beta, schedule=schedule)
+    if fused:
+        run_fused("nsgdm", params, grads, {"momentum_buffer": momentum_buffers}, lrs, loss,
+                  scalars, hp, cache)
+    else:
+        _reference_nsgdm(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp)
+
+
+def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta, schedule):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    t = s["step"] + 1
+    if schedule == "agnostic":
+        beta_t, s_t = 1 - t.rsqrt(), t.pow(-0.75)              # beta_t = 1 - t^-1/2, s_t = t^-3/4
+    else:
+        beta_t, s_t = torch.full_like(t, beta), torch.ones_like(t)
+    m_new = [beta_t.to(E.math_dtype(m)) * E.up(m) + (1 - beta_t).to(E.math_dtype(m)) * E.up(g)
+             for m, g in zip(momentum_buffers, grads)]       # m_t = beta_t m + (1 - beta_t) g
+    m_sq = E.sum_of_squares(m_new, scalars.dtype)            # ||m_t||^2
+    finite = E.is_finite(m_sq) if loss is None else E.is_finite(m_sq, loss)
+    eta = torch.where(m_sq > TINY_GRAD_SQ, s_t / torch.sqrt(m_sq), 0.0)
+    for m, mn in zip(momentum_buffers, m_new):
+        E.write_if(finite, m, mn)
+    E.descend(params, m_new, lrs, eta, finite)               # x <- x - lr s_t m_t / ||m_t||
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)

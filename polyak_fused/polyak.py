@@ -1,0 +1,87 @@
+"""Classic Polyak step size and SPS / SPS_max: class, functional form, eager reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _eager as E
+from ._dispatch import run_fused
+from ._optimizer import COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number
+
+__all__ = ["Polyak", "polyak"]
+
+SCALARS = ("step_size",)
+
+
+class Polyak(PolyakFamilyOptimizer):
+    r"""Polyak's step size (1987) and its stochastic forms SPS / SPS_max (Loizou et al., 2021).
+
+    .. math::
+        \eta_t = \mathrm{lr}\cdot\min\Big\{\frac{\max(f(x_t) - f^*,\,0)}{c\,\|\nabla f(x_t)\|^2},
+        \ \eta_{\max}\Big\}, \qquad x_{t+1} = x_t - \eta_t \nabla f(x_t)
+
+    Symbols: f(x_t) = the ``loss`` given to ``step``; f* = ``f_star``; c = ``c``;
+    eta_max = ``max_lr``; ||g|| = one L2 norm over every parameter of every group.
+    c = 1, max_lr = inf is Polyak's rule; c = 0.5 with a finite max_lr is SPS_max.
+
+    Args:
+        params: parameters or param groups (groups may set their own ``lr``).
+        f_star (float): the optimal value f* (default 0.0: the paper's "Polyak (f* = 0)").
+        c (float): SPS's c > 0 (default 1.0).
+        max_lr (float): cap eta_max on the step size before ``lr`` (default inf: no cap).
+        lr (float or tensor): multiplier on the computed step (default 1.0).
+        fused (bool or None): as in :class:`InexactPolyak`.
+
+    Guards: ||g||^2 <= 1e-16 or f < f* gives a zero step; a non-finite loss or gradient
+    skips the step (parameters and state bitwise unchanged, ``scalars["skipped"]`` += 1).
+
+    .. warning::
+        With f* below the reachable loss (f* = 0 on a network whose loss cannot reach 0) the step
+        does not shrink near a minimum: the paper's Polyak (f* = 0) diverged on LSTM and
+        Nano-GPT. Use :class:`InexactPolyak` when only a lower bound is known.
+
+    Example:
+        >>> opt = Polyak(torch.nn.Linear(4, 1).parameters(), f_star=0.0)
+    """
+
+    METHOD = "polyak"
+    SCALARS = SCALARS
+    GLOBAL_HPARAMS = ("f_star", "c", "max_lr")
+
+    def __init__(self, params, f_star: float = 0.0, c: float = 1.0, max_lr: float = math.inf,
+                 lr=1.0, *, fused: bool | None = None):
+        check_number("f_star", f_star)
+        check_number("c", c, low=0.0, low_open=True)
+        check_number("max_lr", max_lr, low=0.0, low_open=True, allow_inf=True)
+        defaults = dict(lr=lr, f_star=float(f_star), c=float(c), max_lr=float(max_lr))
+        super().__init__(params, defaults, fused=fused)
+
+    def _initial_scalars(self):
+        return {"step_size": 0.0}
+
+    def _run(self, params, grads, buffers, lrs, loss, fused):
+        polyak(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
+               cache=self._fused_cache, **self._hparams())
+
+
+def polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, fused=False, cache=None):
+    """Functional form of :class:`Polyak` (packed scalars: step, skipped, step_size)."""
+    hp = dict(f_star=f_star, c=c, max_lr=max_lr)
+    if fused:
+        run_fused("polyak", params, grads, {}, lrs, loss, scalars, hp, cache)
+    else:
+        _reference_polyak(params, grads, scalars, lrs=lrs, loss=loss, **hp)
+
+
+def _reference_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grad_sq = E.sum_of_squares(grads, scalars.dtype)                    # ||g_t||^2
+    finite = E.is_finite(loss, grad_sq)
+    gap = (loss - f_star).clamp(min=0)                                  # (f(x_t) - f*)_+
+    eta = torch.where(grad_sq > TINY_GRAD_SQ,
+                      (gap / (c * grad_sq)).clamp(max=max_lr), 0.0)     # SPS_max
+    E.descend(params, grads, lrs, eta, finite)                          # x <- x - lr * eta * g
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)

@@ -48,3 +48,14 @@ def count_step(scalars: dict, finite: torch.Tensor) -> None:
     """step += 1 for a taken step, skipped += 1 for a skipped one."""
     scalars["step"].add_(finite.to(scalars["step"].dtype))
     scalars["skipped"].add_((~finite).to(scalars["skipped"].dtype))
+
+
+def across_ranks(loss, *sums):
+    """Under torch.distributed (see polyak_fused.distributed): the loss averaged over the ranks
+    and each local sum added over the shards, in one all-reduce. In one process: unchanged."""
+    from .distributed import current_reduction
+
+    reduction = current_reduction()
+    if reduction is None:
+        return (loss, *sums)
+    return reduction(loss, *sums)

@@ -74,7 +74,7 @@ def adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, fused=False, 
 
 def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    grad_sq = E.sum_of_squares(grads, scalars.dtype)                     # ||g_t||^2
+    loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
     finite = E.is_finite(loss, grad_sq)
     gap = (loss - lower_bound).clamp(min=0)                              # f(x_t) - l*
     gap_sum = s["gap_sum"] + gap                                         # sum_{s<=t} (f - l*)

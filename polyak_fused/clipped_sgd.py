@@ -85,7 +85,7 @@ def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max
 def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss, max_norm,
                            momentum):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    grad_sq = E.sum_of_squares(grads, scalars.dtype)
+    loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))
     finite = E.is_finite(grad_sq) if loss is None else E.is_finite(grad_sq, loss)
     norm = torch.sqrt(grad_sq)                                        # ||g_t||
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)              # kappa_t

@@ -77,7 +77,7 @@ def decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, fused
 
 def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    grad_sq = E.sum_of_squares(grads, scalars.dtype)                       # ||g_k||^2
+    loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_k||^2
     finite = E.is_finite(loss, grad_sq)
     c_k = c0 * torch.sqrt(s["step"] + 1)                                   # c_k = c0 sqrt(k+1)
     gap = (loss - lower_bound).clamp(min=0)                                # (f(x_k) - l*)_+

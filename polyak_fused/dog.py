@@ -87,10 +87,14 @@ def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_d
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     dt = scalars.dtype
     d = [E.up(g) + weight_decay * E.up(x) for g, x in zip(grads, params)]  # d_t = g_t + lambda x_t
-    grad_sq = E.sum_of_squares(d, dt)                                       # ||d_t||^2
+    loss, grad_sq, dist_sq, x0_sq = E.across_ranks(
+        loss,
+        E.sum_of_squares(d, dt),                                            # ||d_t||^2
+        E.sum_of_squares([E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)], dt),  # ||x_t - x_0||^2
+        E.sum_of_squares(x0s, dt))                                          # ||x_0||^2
     finite = E.is_finite(grad_sq) if loss is None else E.is_finite(grad_sq, loss)
-    dist = torch.sqrt(E.sum_of_squares([E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)], dt))
-    r_eps = reps_rel * (1 + torch.sqrt(E.sum_of_squares(x0s, dt)))         # reps_rel (1+||x_0||)
+    dist = torch.sqrt(dist_sq)
+    r_eps = reps_rel * (1 + torch.sqrt(x0_sq))                              # reps_rel (1+||x_0||)
     rbar = torch.maximum(torch.maximum(s["rbar"], dist), r_eps)
     G = s["G"] + grad_sq + torch.where(s["step"] == 0, DOG_EPS, 0.0)
     eta = rbar / torch.sqrt(G)                                              # eta_t = rbar_t / sqrt(G_t)

@@ -142,7 +142,7 @@ def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
 def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
                               lower_bound, track_best):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    grad_sq = E.sum_of_squares(grads, scalars.dtype)                  # ||g_t||^2
+    loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
     finite = E.is_finite(loss, grad_sq)
     gap = (loss - lower_bound).clamp(min=0)                           # (f(x_t) - l*)_+
     eta = torch.where(grad_sq > TINY_GRAD_SQ,

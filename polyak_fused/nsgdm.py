@@ -88,7 +88,7 @@ def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, bet
         beta_t, s_t = torch.full_like(t, beta), torch.ones_like(t)
     m_new = [beta_t.to(E.math_dtype(m)) * E.up(m) + (1 - beta_t).to(E.math_dtype(m)) * E.up(g)
              for m, g in zip(momentum_buffers, grads)]       # m_t = beta_t m + (1 - beta_t) g
-    m_sq = E.sum_of_squares(m_new, scalars.dtype)            # ||m_t||^2
+    loss, m_sq = E.across_ranks(loss, E.sum_of_squares(m_new, scalars.dtype))  # ||m_t||^2
     finite = E.is_finite(m_sq) if loss is None else E.is_finite(m_sq, loss)
     eta = torch.where(m_sq > TINY_GRAD_SQ, s_t / torch.sqrt(m_sq), 0.0)
     for m, mn in zip(momentum_buffers, m_new):

@@ -77,7 +77,7 @@ def polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, fused=False,
 
 def _reference_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    grad_sq = E.sum_of_squares(grads, scalars.dtype)                    # ||g_t||^2
+    loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
     finite = E.is_finite(loss, grad_sq)
     gap = (loss - f_star).clamp(min=0)                                  # (f(x_t) - f*)_+
     eta = torch.where(grad_sq > TINY_GRAD_SQ,

@@ -3,6 +3,9 @@ Triton is not installed (macOS, Windows)."""
 
 from __future__ import annotations
 
+from . import _eager
+from .distributed import current_reduction
+
 
 def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hparams: dict,
               cache: dict | None) -> None:
@@ -11,4 +14,5 @@ def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hpa
     except ImportError as err:  # pragma: no cover - only where triton is missing
         raise RuntimeError(
             "the fused path needs Triton (pip install triton); use fused=False") from err
-    polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache)
+    reduce = _eager.across_ranks if current_reduction() is not None else None
+    polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache, reduce)

@@ -1,0 +1,172 @@
+"""The main suite: the fused Triton path against the eager reference computed in float64.
+
+Declarative: OPTIMIZERS x DTYPES x SHAPE_CASES, each run for STEPS steps with several param groups.
+Every step feeds both runs the same gradients (drawn in float64, rounded to the fused dtype, and
+given to the reference as float64 copies of those rounded values) and the same loss, so the only
+difference between the runs is arithmetic precision and the fused run's storage dtype. The
+gradients do not depend on the parameters, so rounding differences cannot feed back and grow.
+STEPS = 3: the first step initialises state (DoG's x0, momentum, best iterate), the second and
+third exercise the recursions (DecSPS's bound, AdaSPS's eta_{t-1}, DoG's rbar and G, momentum).
+
+Before every fused step the kernels' scratch outputs (partial sums, step coefficients) are filled
+with NaN, so a partial that no program writes turns the step into a skipped one and fails here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close
+
+import polyak_fused as pf
+
+STEPS = 3
+
+OPTIMIZERS = {
+    "inexact_polyak": lambda p, **kw: pf.InexactPolyak(p, total_steps=100, lower_bound=0.25, **kw),
+    "inexact_polyak_best": lambda p, **kw: pf.InexactPolyak(p, total_steps=100, track_best=True, **kw),
+    "polyak_sps_max": lambda p, **kw: pf.Polyak(p, f_star=0.1, c=0.5, max_lr=0.05, **kw),
+    "polyak": lambda p, **kw: pf.Polyak(p, **kw),
+    "decsps": lambda p, **kw: pf.DecSPS(p, c0=2.0, gamma_b=0.5, **kw),
+    "adasps": lambda p, **kw: pf.AdaSPS(p, c_p=0.5, lower_bound=0.1, **kw),
+    "dog": lambda p, **kw: pf.DoG(p, reps_rel=0.05, weight_decay=0.01, **kw),  # steps visible in bf16
+    "clipped_sgd": lambda p, **kw: pf.ClippedSGD(p, lr=0.1, max_norm=2.0, **kw),
+    "clipped_sgd_momentum": lambda p, **kw: pf.ClippedSGD(p, lr=0.1, max_norm=2.0, momentum=0.9, **kw),
+    "nsgdm": lambda p, **kw: pf.NSGDM(p, lr=0.1, beta=0.8, **kw),
+    "nsgdm_agnostic": lambda p, **kw: pf.NSGDM(p, lr=0.1, schedule="agnostic", **kw),
+}
+
+# (rtol, atol) for parameters and buffers. Scalars get a float32 tolerance (SCALAR_RTOL) because
+# both runs reduce the same rounded gradients, except where they depend on stored tensors
+# (DoG's distance, NSGD-M's momentum norm): those get the dtype's tolerance.
+DTYPES = {
+    torch.float32: (2e-5, 1e-6),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+SCALAR_RTOL = 1e-4
+STATE_DEPENDENT_SCALARS = ("dog", "nsgdm")
+
+
+def _shapes(case: str) -> list:
+    """Each case is a list of parameter shapes; strided ones are made by `_make_params`."""
+    if case == "mixed":  # empty, one element, odd primes, larger than one chunk, a strided one
+        return [(0,), (1,), (63,), (7, 13), (5003,), "strided", (2, 3, 5)]
+    if case == "many":  # 300 tensors of mixed small sizes
+        gen = torch.Generator().manual_seed(3)
+        return [(int(n),) for n in torch.randint(1, 200, (300,), generator=gen)]
+    if case == "big_prime":
+        return [(1823, 781), (17,)]
+    raise ValueError(case)
+
+
+
+
+def _make_params(shapes, dtype, device, gen):
+    """Parameters of the given shapes; with dtype "fp32+bf16" every other one is bfloat16."""
+    params = []
+    for i, shape in enumerate(shapes):
+        if dtype == "fp32+bf16":
+            params += _make_params([shape], (torch.float32, torch.bfloat16)[i % 2], device, gen)
+            continue
+        if shape == "strided":  # a transposed view: not contiguous
+            base = torch.randn(11, 37, generator=gen, dtype=torch.float64)
+            params.append(torch.nn.Parameter(base.to(dtype).to(device).t()))
+        else:
+            params.append(torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64)
+                                             .to(dtype).to(device)))
+    return params
+
+
+def _groups(params, device):
+    """Three param groups with lr multipliers 1, 0.5 (float) and 0.25 (tensor)."""
+    k = max(1, len(params) // 3)
+    return [{"params": params[:k]},
+            {"params": params[k:2 * k], "lr_scale": 0.5},
+            {"params": params[2 * k:], "lr_scale": 0.25, "tensor_lr": True}]
+
+
+def _build(name, params, device):
+    groups = _groups(params, device)
+    opt = OPTIMIZERS[name]([{"params": g["params"]} for g in groups if g["params"]],
+                           fused=params[0].dtype != torch.float64)
+    base = opt.defaults["lr"]
+    for group, spec in zip(opt.param_groups, [g for g in groups if g["params"]]):
+        lr = base * spec.get("lr_scale", 1.0)
+        group["lr"] = torch.tensor(lr, device=device) if spec.get("tensor_lr") else lr
+    return opt
+
+
+def _poison_scratch(opt):
+    plan = opt._fused_cache.get("plan")
+    if plan is not None:
+        plan.partials.fill_(math.nan)
+        plan.coefs.fill_(math.nan)
+
+
+def _run_pair(name, dtype, shapes, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    fused_params = _make_params(shapes, dtype, device, gen)
+    ref_params = [torch.nn.Parameter(p.detach().double().cpu()) for p in fused_params]
+    fused = _build(name, fused_params, device)
+    ref = _build(name, ref_params, torch.device("cpu"))
+    for step in range(STEPS):
+        loss = 1.0 + torch.rand((), generator=gen, dtype=torch.float64)
+        for pf_, pr in zip(fused_params, ref_params):
+            g = torch.randn(pf_.shape, generator=gen, dtype=torch.float64).to(pf_.dtype)
+            pf_.grad = g.to(device)
+            if not pf_.is_contiguous():  # autograd gives a strided param a grad with its strides
+                pf_.grad = pf_.grad.t().contiguous().t()
+            pr.grad = g.double()
+        _poison_scratch(fused)
+        loss = loss.to(fused_params[0].dtype).double()
+        fused.step(loss=loss.to(fused_params[0].dtype).to(device))
+        ref.step(loss=loss)
+    return fused, ref, fused_params, ref_params
+
+
+def _compare(fused, ref, fused_params, ref_params, dtype, label):
+    rtol, atol = DTYPES[dtype]
+    for i, (a, e) in enumerate(zip(fused_params, ref_params)):
+        assert_close(a, e, rtol=rtol, atol=atol, what=f"{label} param {i} {tuple(a.shape)}")
+        for key, buf in ref.state[e].items():
+            assert_close(fused.state[a][key], buf, rtol=rtol, atol=atol,
+                         what=f"{label} state {key!r} of param {i}")
+    for key, value in ref.scalars.items():
+        got = fused.scalars[key]
+        if key in ("step", "skipped"):
+            assert got.item() == value.item(), f"{label} scalar {key}: {got.item()} vs {value.item()}"
+        else:
+            tol = rtol if fused.METHOD in STATE_DEPENDENT_SCALARS else SCALAR_RTOL
+            assert_close(got, value, rtol=tol, atol=1e-7, what=f"{label} scalar {key!r}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_matches_float64_reference(name, dtype, device):
+    fused, ref, fp, rp = _run_pair(name, dtype, _shapes("mixed"), device)
+    assert fused.scalars["step"].item() == STEPS
+    _compare(fused, ref, fp, rp, dtype, f"{name}/{dtype}/mixed")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_matches_reference_on_300_tensors(name, device):
+    """The table and chunk map do not depend on the dtype, so float32 covers them."""
+    fused, ref, fp, rp = _run_pair(name, torch.float32, _shapes("many"), device, seed=1)
+    _compare(fused, ref, fp, rp, torch.float32, f"{name}/many")
+
+
+@pytest.mark.parametrize("name", ["inexact_polyak_best", "dog", "nsgdm", "clipped_sgd_momentum"])
+def test_fused_matches_reference_across_two_dtype_groups(name, device):
+    """float32 and bfloat16 parameters in one optimizer: two launches per phase, one norm."""
+    fused, ref, fp, rp = _run_pair(name, "fp32+bf16", _shapes("mixed"), device, seed=2)
+    _compare(fused, ref, fp, rp, torch.bfloat16, f"{name}/fp32+bf16")
+
+
+def test_fused_matches_reference_on_a_large_odd_tensor(device):
+    """1823 x 781 = 1.4M elements: many chunks of one tensor and a ragged last chunk. DoG, which
+    reduces three sums, covers the most kernel code."""
+    fused, ref, fp, rp = _run_pair("dog", torch.float32, _shapes("big_prime"), device, seed=5)
+    _compare(fused, ref, fp, rp, torch.float32, "dog/big_prime")

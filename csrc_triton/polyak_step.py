@@ -300,12 +300,24 @@ def _launch_config(device: torch.device) -> dict:
     return dict(chunk=4096, block=1024, num_warps=4)
 
 
-class _Group:
-    """The device tables of one dtype group."""
+def _to_device(values, dtype, device) -> torch.Tensor:
+    """A host list as a device tensor. On CUDA the copy goes through pinned memory and does not
+    block the host (torch's pinned-memory allocator keeps the buffer alive until it is done)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
-    def __init__(self, dtype, meta, chunks, n_chunks, slot0, like, staged):
+
+class _Group:
+    """The device tables of one dtype group. `direct` lists (row, param index) of the tensors
+    whose gradient pointer sits in the table (the others go through staging buffers)."""
+
+    def __init__(self, dtype, meta, chunks, n_chunks, slot0, like, staged, direct):
         self.dtype, self.meta, self.chunks = dtype, meta, chunks
         self.n_chunks, self.slot0, self.like, self.staged = n_chunks, slot0, like, staged
+        self.direct = direct
+        self.direct_rows = _to_device([r for r, _ in direct], torch.int64, meta.device)
 
 
 class _Plan:
@@ -322,7 +334,7 @@ class _Plan:
             by_dtype.setdefault(p.dtype, []).append(i)
         slot0 = 0
         for dtype, idxs in by_dtype.items():
-            rows, chunk_rows, staged, like = [], [], [], None
+            rows, chunk_rows, staged, direct, like = [], [], [], [], None
             for i in idxs:
                 if params[i].numel() == 0:
                     continue
@@ -334,6 +346,8 @@ class _Plan:
                     sb = torch.empty(x.shape, dtype=x.dtype, device=device) if b is not None else None
                     staged.append((i, sx, sg, sb))
                     x, g, b = sx, sg, sb
+                else:
+                    direct.append((len(rows), i))
                 like = x if like is None else like
                 t = len(rows)
                 rows.append([x.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None else 0,
@@ -342,14 +356,15 @@ class _Plan:
                     chunk_rows.append([t, start])
             if not chunk_rows:
                 continue
-            meta = torch.tensor(rows, dtype=torch.int64).to(device)
-            chunks = torch.tensor(chunk_rows, dtype=torch.int64).to(device)
-            self.groups.append(_Group(dtype, meta, chunks, len(chunk_rows), slot0, like, staged))
+            meta = _to_device(rows, torch.int64, device)
+            chunks = _to_device(chunk_rows, torch.int64, device)
+            self.groups.append(_Group(dtype, meta, chunks, len(chunk_rows), slot0, like, staged,
+                                      direct))
             slot0 += len(chunk_rows)
         self.n_slots = max(slot0, 1)
         self.partials = torch.zeros(self.n_sums * self.n_slots, dtype=torch.float32, device=device)
         self.coefs = torch.zeros(3, dtype=torch.float32, device=device)
-        self.hparams = torch.tensor(hparams, dtype=torch.float32).to(device)
+        self.hparams = _to_device(hparams, torch.float32, device)
         self.lrs = torch.zeros(n_lr_slots, dtype=torch.float32, device=device)
         self.lr_values: list = [None] * n_lr_slots
 
@@ -396,14 +411,23 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     device = scalars.device
     lr_slots, lr_values = _lr_slots(lrs)
     hp = _hparam_values(method, hparams)
-    key = (method, tuple(hp), tuple(lr_slots),
-           tuple(p.data_ptr() for p in params), tuple(g.data_ptr() for g in grads),
-           tuple(b.data_ptr() for b in buf) if buf is not None else None)
+    # The tables depend on the parameters and state buffers (stable for a whole run) and on the
+    # gradient pointers, which change when zero_grad(set_to_none=True) frees the grads and the
+    # allocator hands back other addresses: then only the gradient column is rewritten.
+    key = (method, tuple(hp), tuple(lr_slots), tuple(p.data_ptr() for p in params),
+           tuple(p.shape for p in params), tuple(b.data_ptr() for b in buf) if buf is not None else None)
+    grad_key = tuple(g.data_ptr() for g in grads)
     cache = {} if cache is None else cache
     plan = cache.get("plan")
     if plan is None or cache.get("key") != key:
         plan = _Plan(method, params, grads, buf, lr_slots, len(lr_values), hp, device)
-        cache["plan"], cache["key"] = plan, key
+        cache["plan"], cache["key"], cache["grad_key"] = plan, key, grad_key
+    elif cache.get("grad_key") != grad_key:
+        for grp in plan.groups:
+            if grp.direct:
+                ptrs = _to_device([grads[i].data_ptr() for _, i in grp.direct], torch.int64, device)
+                grp.meta[:, 1].index_copy_(0, grp.direct_rows, ptrs)
+        cache["grad_key"] = grad_key
     _refresh_lrs(plan, lr_values)
 
     for grp in plan.groups:

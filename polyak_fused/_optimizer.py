@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from . import distributed
+
 #: sum(g^2) at or below this value counts as a zero gradient: the step is zero (never inf/NaN).
 #: It is ||g|| <= 1e-8, the threshold of the SPS and SLS reference codes.
 TINY_GRAD_SQ = 1e-16
@@ -96,17 +98,22 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     GLOBAL_HPARAMS: tuple[str, ...] = ()
     NEEDS_LOSS: bool = True
 
-    def __init__(self, params, defaults: dict, *, fused: bool | None):
-        if fused not in (None, True, False):
+    def __init__(self, params, defaults: dict, *, fused: bool | None, process_group=None,
+                 average_loss: bool = True):
+        if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if "lr" in defaults:
+            check_lr(defaults["lr"])
         self.fused = fused
+        self.process_group, self.average_loss = distributed.check_options(process_group,
+                                                                          average_loss)
         self._fused_cache: dict = {}
         super().__init__(params, defaults)
 
     # ---- param groups -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         for name in self.GLOBAL_HPARAMS:
-            if name in param_group and getattr(self, "param_groups", None):
+            if name in param_group:
                 if param_group[name] != self.defaults[name]:
                     raise ValueError(
                         f"Invalid {name}: {param_group[name]!r} in a param group; {name} sets the one "
@@ -143,33 +150,42 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} needs all parameters on one device, got {sorted(map(str, devices))}")
         return devices.pop()
 
-    def _ensure_scalars(self, values: dict | None = None) -> None:
-        """Create the packed scalar buffer (or refill it from `values`, e.g. a loaded state)."""
+    def _ensure_scalars(self) -> None:
+        """Keep the global scalars in one packed device buffer, with named 0-d views of it in
+        self.state["scalars"] (what state_dict() saves). Rebuilds the buffer from the named values
+        when they are not views of it: after load_state_dict, deepcopy or unpickling."""
         names = COMMON_SCALARS + self.SCALARS
         current = self.state.get("scalars")
-        packed = getattr(self, "_packed_scalars", None)
-        if values is None and packed is not None and current is not None:
+        packed = self.__dict__.get("_packed_scalars")
+        if (current is not None and packed is not None
+                and current["step"].data_ptr() == packed.data_ptr()):
             return
         init = {"step": 0.0, "skipped": 0.0, **self._initial_scalars()}
         packed = torch.tensor([init[n] for n in names], dtype=self._scalar_dtype()).to(self._device())
-        if values is not None:
-            for i, n in enumerate(names):
-                if n in values:
-                    packed[i].copy_(torch.as_tensor(values[n]).reshape(()))
+        for i, n in enumerate(names):
+            if current is not None and n in current:
+                packed[i].copy_(torch.as_tensor(current[n]).reshape(()))
         self._packed_scalars = packed
         self.state["scalars"] = {n: packed[i] for i, n in enumerate(names)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        loaded = self.state.pop("scalars", None)
-        self._packed_scalars = None
         self._fused_cache.clear()
-        if loaded is not None:
-            self._ensure_scalars(values=loaded)
+        if "scalars" in self.state:
+            self._ensure_scalars()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["fused"] = self.fused
+        state["average_loss"] = self.__dict__.get("average_loss", True)
+        return state  # process_group is not carried: a copy is a single-process optimizer
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("_fused_cache", {})
+        self.__dict__.setdefault("fused", None)
+        self.__dict__.setdefault("average_loss", True)
+        self.__dict__.setdefault("process_group", None)
+        self._fused_cache = {}  # its tables point at the tensors of the original
 
     # ---- step ---------------------------------------------------------------------------------
     def _collect(self):
@@ -231,11 +247,14 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             raise AssertionError
         fused = use_fused_path(self.fused, params)
         buffers = self._state_buffers(params)
-        self._run(params, grads, buffers, lrs, loss_t, fused)
+        with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
+            self._run(params, grads, buffers, lrs, loss_t, fused)
         return loss
 
     def _run(self, params, grads, buffers, lrs, loss, fused):
         raise NotImplementedError
 
     def _hparams(self) -> dict:
-        return {name: self.defaults[name] for name in self.GLOBAL_HPARAMS}
+        """The global hyperparameters, read from the param groups (all equal), so that
+        load_state_dict brings back the saved ones, as torch.optim does."""
+        return {name: self.param_groups[0][name] for name in self.GLOBAL_HPARAMS}

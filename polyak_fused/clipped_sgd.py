@@ -48,16 +48,21 @@ class ClippedSGD(PolyakFamilyOptimizer):
     NEEDS_LOSS = False
 
     def __init__(self, params, lr, max_norm: float = math.inf, momentum: float = 0.0, *,
-                 fused: bool | None = None):
+                 fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         if not torch.is_tensor(lr):
             check_number("lr", lr, low=0.0)
         check_number("max_norm", max_norm, low=0.0, low_open=True, allow_inf=True)
         check_number("momentum", momentum, low=0.0)
         if momentum >= 1.0:
             raise ValueError(f"Invalid momentum: {momentum} (must be < 1)")
-        self.BUFFERS = ("momentum_buffer",) if momentum > 0 else ()
         defaults = dict(lr=lr, max_norm=float(max_norm), momentum=float(momentum))
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
+
+    @property
+    def BUFFERS(self):  # noqa: N802 - the per-parameter state names, as in the base class
+        return ("momentum_buffer",) if self._hparams()["momentum"] > 0 else ()
 
     def _initial_scalars(self):
         return {"grad_norm": 0.0, "clip_coef": 1.0}

@@ -76,16 +76,21 @@ class InexactPolyak(PolyakFamilyOptimizer):
     GLOBAL_HPARAMS = ("total_steps", "lower_bound", "track_best")
 
     def __init__(self, params, total_steps: int, lower_bound: float = 0.0, lr=1.0,
-                 track_best: bool = False, *, fused: bool | None = None):
+                 track_best: bool = False, *, fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 1)")
         check_number("lower_bound", lower_bound)
         if not isinstance(track_best, bool):
             raise ValueError(f"Invalid track_best: {track_best!r} (expected a bool)")
-        self.BUFFERS = ("best",) if track_best else ()
         defaults = dict(lr=lr, total_steps=total_steps, lower_bound=float(lower_bound),
                         track_best=track_best)
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
+
+    @property
+    def BUFFERS(self):  # noqa: N802 - the per-parameter state names, as in the base class
+        return ("best",) if self._hparams()["track_best"] else ()
 
     def _initial_scalars(self):
         return {"step_size": 0.0, "best_loss": math.inf}
@@ -108,7 +113,7 @@ class InexactPolyak(PolyakFamilyOptimizer):
 
         Pass ``loss`` = f(x_T) of the current parameters to let the last iterate, whose loss no
         step() has seen, compete too (Algorithm 1 compares f(x_{t+1}) after every update)."""
-        if not self.defaults["track_best"]:
+        if not self._hparams()["track_best"]:
             raise RuntimeError("load_best() needs InexactPolyak(..., track_best=True)")
         params = [p for g in self.param_groups for p in g["params"] if "best" in self.state[p]]
         if not params:

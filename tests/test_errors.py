@@ -30,12 +30,6 @@ REQUIRED = {
 }
 ALL = list(REQUIRED)
 
-LR_NOT_CHECKED = pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "the constructor's lr is not validated for InexactPolyak/Polyak/DecSPS/AdaSPS/DoG: "
-    "add_param_group checks 'lr' only when the group dict names it, and the first group gets "
-    "the default lr from torch after that check"))
-
-
 def ctor_case(cls, name, value, pattern=None, error=ValueError, marks=()):
     pattern = pattern or rf"Invalid {name}: {re_value(value)}"
     return pytest.param(cls, {name: value}, error, pattern, marks=marks,
@@ -115,7 +109,7 @@ CONSTRUCTOR_CASES = [
     # every class: fused must be None/True/False, lr must be a non-negative finite number
     *[ctor_case(cls, "fused", "yes") for cls in ALL],
     *[ctor_case(cls, "fused", 0.5) for cls in ALL],
-    *[ctor_case(cls, "lr", value, marks=LR_NOT_CHECKED) for value in (-1.0, NAN, INF)
+    *[ctor_case(cls, "lr", value) for value in (-1.0, NAN, INF)
       for cls in ALL if cls not in (pf.ClippedSGD, pf.NSGDM)],   # (those two are tested above)
 ]
 
@@ -183,10 +177,6 @@ def test_param_group_rejects(cls, kwargs, group, pattern, how):
             opt.add_param_group({"params": [b], **group})
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "a GLOBAL_HPARAMS value set in the FIRST param group is not checked (add_param_group skips "
-    "the check while self.param_groups is still empty) and is then silently ignored: the step "
-    "uses self.defaults"))
 def test_first_param_group_with_other_total_steps_is_rejected():
     a, b = new_params()
     with pytest.raises(ValueError, match=r"Invalid total_steps: 5"):

@@ -148,11 +148,6 @@ def test_state_dict_holds_plain_values():
         assert set(sd["state"][i]) == {"best"}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "load_state_dict restores param_groups (total_steps=10) but the step reads the global "
-    "hyperparameters from self.defaults (the constructor's total_steps), so a checkpoint's T "
-    "does not come back into the computation; the lead must decide: use the loaded value or "
-    "raise on a mismatch"))
 def test_loaded_total_steps_is_the_one_used():
     def one_step(opt, x):
         x.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)

@@ -94,8 +94,10 @@ def _nsgdm_beta(step, beta, AGNOSTIC: tl.constexpr):
 
 
 @triton.jit
-def _chunk(meta, chunks, like, chunk_size):
-    """This program's chunk: pointers of x, g and the state buffer, and [start, end)."""
+def _chunk(meta, chunks, like, chunk_size, ALIGNED: tl.constexpr):
+    """This program's chunk: pointers of x, g and the state buffer, and [start, end).
+    ALIGNED: the host checked that every pointer of the group is 16-byte aligned, so the loads
+    and stores of full blocks can be 16-byte vectors."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
@@ -104,6 +106,10 @@ def _chunk(meta, chunks, like, chunk_size):
     x_ptr = tl.load(row + 0).to(ptr_ty)
     g_ptr = tl.load(row + 1).to(ptr_ty)
     b_ptr = tl.load(row + 2).to(ptr_ty)
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
     numel = tl.load(row + 3)
     lr_slot = tl.load(row + 4)
     end = tl.minimum(start + chunk_size, numel)
@@ -113,35 +119,77 @@ def _chunk(meta, chunks, like, chunk_size):
 META_COLS_C = tl.constexpr(META_COLS)
 
 
+@triton.jit
+def _load(ptr, idx, mask, MASKED: tl.constexpr):
+    """ptr[idx] in float32; only the last, partial block of a chunk needs the mask."""
+    if MASKED:
+        return tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptr + idx).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, idx, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + idx, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _block_indices(start, off, end, BLOCK: tl.constexpr):
+    """Indices of one block; chunk starts and block offsets are multiples of BLOCK."""
+    idx = start + off + tl.arange(0, BLOCK)
+    idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
+    return idx, idx < end
+
+
+@triton.jit
+def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """This block's terms of the method's sums (s0, s1, s2)."""
+    g = _load(g_ptr, idx, mask, MASKED)
+    if METHOD == "dog":
+        x = _load(x_ptr, idx, mask, MASKED)
+        x0 = _load(b_ptr, idx, mask, MASKED)
+        d = g + wd * x                                    # coupled weight decay
+        return d * d, (x - x0) * (x - x0), x0 * x0        # ||d||^2, ||x - x0||^2, ||x0||^2
+    elif METHOD == "nsgdm":
+        m = beta_t * _load(b_ptr, idx, mask, MASKED) + (1.0 - beta_t) * g  # m_t, stored later
+        return m * m, 0.0 * g, 0.0 * g
+    else:
+        return g * g, 0.0 * g, 0.0 * g
+
+
 @triton.jit(do_not_specialize=["chunk_size", "n_slots", "slot0"])
 def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, chunk_size, n_slots, slot0,
-                   METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
+                   METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr):
     # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B).
     # Writes one float per chunk and per sum.
-    pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size)
+    pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size, ALIGNED)
+    wd = 0.0
+    beta_t = 0.0
+    if METHOD == "dog":
+        wd = tl.load(hparams + 1)
+    if METHOD == "nsgdm":
+        beta_t = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)
     acc0 = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
-    if METHOD == "nsgdm":
-        beta_t = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    for off in range(start, end, BLOCK):
-        idx = off + offs
-        mask = idx < end
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if METHOD == "dog":
-            x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            x0 = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            d = g + tl.load(hparams + 1) * x                  # coupled weight decay
-            acc0 += d * d
-            acc1 += (x - x0) * (x - x0)
-            acc2 += x0 * x0
-        elif METHOD == "nsgdm":
-            m = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            m = beta_t * m + (1.0 - beta_t) * g              # m_t, not stored until the update
-            acc0 += m * m
-        else:
-            acc0 += g * g
+    n_full = (end - start) // BLOCK * BLOCK
+    for off in range(0, n_full, BLOCK):
+        idx, mask = _block_indices(start, off, end, BLOCK)
+        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD, False)
+        acc0 += a0
+        acc1 += a1
+        acc2 += a2
+    if n_full < end - start:
+        idx, mask = _block_indices(start, n_full, end, BLOCK)
+        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD, True)
+        acc0 += a0
+        acc1 += a1
+        acc2 += a2
     slot = slot0 + pid
     tl.store(partials + slot, tl.sum(acc0, axis=0))
     if METHOD == "dog":
@@ -244,49 +292,59 @@ DOG_EPS_C = tl.constexpr(DOG_EPS)
 CLIP_EPS_C = tl.constexpr(CLIP_EPS)
 
 
+@triton.jit
+def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD: tl.constexpr,
+                  TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr, MASKED: tl.constexpr):
+    """x <- x - lr * eta * direction for one block (and the state buffer where there is one).
+    hp1 is DoG's weight decay or clipped SGD's momentum; aux is NSGD-M's beta_t or the
+    best-iterate flag."""
+    x = _load(x_ptr, idx, mask, MASKED)
+    g = _load(g_ptr, idx, mask, MASKED)
+    if METHOD == "dog":
+        x_new = x - (lr * eta) * (g + hp1 * x)
+    elif METHOD == "clipped_sgd":
+        if MOMENTUM:
+            m = hp1 * _load(b_ptr, idx, mask, MASKED) + eta * g  # m = mu m + kappa g
+            _store(b_ptr, idx, m, mask, MASKED)
+            x_new = x - lr * m
+        else:
+            x_new = x - (lr * eta) * g
+    elif METHOD == "nsgdm":
+        m = aux * _load(b_ptr, idx, mask, MASKED) + (1.0 - aux) * g
+        _store(b_ptr, idx, m, mask, MASKED)
+        x_new = x - (lr * eta) * m
+    else:
+        if TRACK_BEST:
+            if aux != 0.0:  # this step's loss is the best so far: keep x_t
+                _store(b_ptr, idx, x, mask, MASKED)
+        x_new = x - (lr * eta) * g
+    _store(x_ptr, idx, x_new, mask, MASKED)
+
+
 @triton.jit(do_not_specialize=["chunk_size"])
 def _update_kernel(meta, chunks, like, coefs, lrs, hparams, chunk_size,
                    METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    # Traffic (fp32): reads x, g, writes x: 12N B. DoG also reads nothing more (x0 was read in
-    # the reduce); momentum methods read and write m: +8N B; best tracking writes x_best: +4N B on
-    # the steps that improve.
-    pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size)
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    # Traffic (fp32): reads x, g, writes x: 12N B. Momentum methods also read and write m:
+    # +8N B. Best tracking writes x_best (+4N B) on the steps that improve on the best loss.
+    pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size, ALIGNED)
     ok = tl.load(coefs + 0)
     if ok != 0.0:  # a skipped step leaves every tensor bitwise unchanged
         eta = tl.load(coefs + 1)
         aux = tl.load(coefs + 2)
         lr = tl.load(lrs + lr_slot)
-        scale = lr * eta
-        offs = tl.arange(0, BLOCK).to(tl.int64)
-        for off in range(start, end, BLOCK):
-            idx = off + offs
-            mask = idx < end
-            x_raw = tl.load(x_ptr + idx, mask=mask)
-            x = x_raw.to(tl.float32)
-            g = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
-            if METHOD == "dog":
-                d = g + tl.load(hparams + 1) * x
-                x = x - scale * d
-            elif METHOD == "clipped_sgd":
-                if MOMENTUM:
-                    m = tl.load(b_ptr + idx, mask=mask).to(tl.float32)
-                    m = tl.load(hparams + 1) * m + eta * g
-                    tl.store(b_ptr + idx, m.to(b_ptr.dtype.element_ty), mask=mask)
-                    x = x - lr * m
-                else:
-                    x = x - scale * g
-            elif METHOD == "nsgdm":
-                m = tl.load(b_ptr + idx, mask=mask).to(tl.float32)
-                m = aux * m + (1.0 - aux) * g
-                tl.store(b_ptr + idx, m.to(b_ptr.dtype.element_ty), mask=mask)
-                x = x - scale * m
-            else:
-                if TRACK_BEST:
-                    if aux != 0.0:
-                        tl.store(b_ptr + idx, x_raw, mask=mask)
-                x = x - scale * g
-            tl.store(x_ptr + idx, x.to(x_ptr.dtype.element_ty), mask=mask)
+        hp1 = 0.0
+        if METHOD == "dog" or METHOD == "clipped_sgd":
+            hp1 = tl.load(hparams + 1)
+        n_full = (end - start) // BLOCK * BLOCK
+        for off in range(0, n_full, BLOCK):
+            idx, mask = _block_indices(start, off, end, BLOCK)
+            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD,
+                          TRACK_BEST, MOMENTUM, False)
+        if n_full < end - start:
+            idx, mask = _block_indices(start, n_full, end, BLOCK)
+            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD,
+                          TRACK_BEST, MOMENTUM, True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,6 +376,7 @@ class _Group:
         self.n_chunks, self.slot0, self.like, self.staged = n_chunks, slot0, like, staged
         self.direct = direct
         self.direct_rows = _to_device([r for r, _ in direct], torch.int64, meta.device)
+        self.aligned = False  # set by the plan: every pointer 16-byte aligned
 
 
 class _Plan:
@@ -325,6 +384,7 @@ class _Plan:
 
     def __init__(self, method, params, grads, buf, lr_slots, n_lr_slots, hparams, device):
         cfg = _launch_config(device)
+        assert cfg["chunk"] % cfg["block"] == 0, "chunks must start on block boundaries"
         self.cfg = cfg
         self.device = device
         self.n_sums = N_SUMS.get(method, 1)
@@ -358,8 +418,9 @@ class _Plan:
                 continue
             meta = _to_device(rows, torch.int64, device)
             chunks = _to_device(chunk_rows, torch.int64, device)
-            self.groups.append(_Group(dtype, meta, chunks, len(chunk_rows), slot0, like, staged,
-                                      direct))
+            grp = _Group(dtype, meta, chunks, len(chunk_rows), slot0, like, staged, direct)
+            grp.aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:3])
+            self.groups.append(grp)
             slot0 += len(chunk_rows)
         self.n_slots = max(slot0, 1)
         self.partials = torch.zeros(self.n_sums * self.n_slots, dtype=torch.float32, device=device)
@@ -425,8 +486,9 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     elif cache.get("grad_key") != grad_key:
         for grp in plan.groups:
             if grp.direct:
-                ptrs = _to_device([grads[i].data_ptr() for _, i in grp.direct], torch.int64, device)
-                grp.meta[:, 1].index_copy_(0, grp.direct_rows, ptrs)
+                new = [grads[i].data_ptr() for _, i in grp.direct]
+                grp.meta[:, 1].index_copy_(0, grp.direct_rows, _to_device(new, torch.int64, device))
+                grp.aligned = grp.aligned and all(ptr % 16 == 0 for ptr in new)
         cache["grad_key"] = grad_key
     _refresh_lrs(plan, lr_values)
 
@@ -444,8 +506,8 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     for grp in plan.groups:
         _reduce_kernel[(grp.n_chunks,)](
             grp.meta, grp.chunks, grp.like, plan.partials, scalars, plan.hparams, cfg["chunk"],
-            plan.n_slots, grp.slot0, METHOD=method, AGNOSTIC=agnostic, BLOCK=cfg["block"],
-            num_warps=cfg["num_warps"])
+            plan.n_slots, grp.slot0, METHOD=method, AGNOSTIC=agnostic, ALIGNED=grp.aligned,
+            BLOCK=cfg["block"], num_warps=cfg["num_warps"])
 
     partials, n_slots = plan.partials, plan.n_slots
     if reduce is not None:  # distributed: the totals of this rank, then one all-reduce
@@ -462,8 +524,8 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     for grp in plan.groups:
         _update_kernel[(grp.n_chunks,)](
             grp.meta, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams, cfg["chunk"],
-            METHOD=method, TRACK_BEST=track_best, MOMENTUM=momentum, BLOCK=cfg["block"],
-            num_warps=cfg["num_warps"])
+            METHOD=method, TRACK_BEST=track_best, MOMENTUM=momentum, ALIGNED=grp.aligned,
+            BLOCK=cfg["block"], num_warps=cfg["num_warps"])
 
     for grp in plan.groups:
         for i, sx, sg, sb in grp.staged:

@@ -49,11 +49,13 @@ class AdaSPS(PolyakFamilyOptimizer):
     GLOBAL_HPARAMS = ("c_p", "lower_bound")
 
     def __init__(self, params, c_p: float = 1.0, lower_bound: float = 0.0, lr=1.0, *,
-                 fused: bool | None = None):
+                 fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         check_number("c_p", c_p, low=0.0, low_open=True)
         check_number("lower_bound", lower_bound)
         defaults = dict(lr=lr, c_p=float(c_p), lower_bound=float(lower_bound))
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": math.inf, "gap_sum": 0.0}

@@ -50,12 +50,14 @@ class DecSPS(PolyakFamilyOptimizer):
     GLOBAL_HPARAMS = ("c0", "gamma_b", "lower_bound")
 
     def __init__(self, params, c0: float = 1.0, gamma_b: float = 10.0, lower_bound: float = 0.0,
-                 lr=1.0, *, fused: bool | None = None):
+                 lr=1.0, *, fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         check_number("c0", c0, low=0.0, low_open=True)
         check_number("gamma_b", gamma_b, low=0.0, low_open=True)
         check_number("lower_bound", lower_bound)
         defaults = dict(lr=lr, c0=float(c0), gamma_b=float(gamma_b), lower_bound=float(lower_bound))
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": 0.0, "bound": self.defaults["c0"] * self.defaults["gamma_b"]}

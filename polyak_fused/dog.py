@@ -56,11 +56,13 @@ class DoG(PolyakFamilyOptimizer):
     NEEDS_LOSS = False
 
     def __init__(self, params, reps_rel: float = 1e-6, lr=1.0, weight_decay: float = 0.0, *,
-                 fused: bool | None = None):
+                 fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         check_number("reps_rel", reps_rel, low=0.0, low_open=True)
         check_number("weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, reps_rel=float(reps_rel), weight_decay=float(weight_decay))
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": 0.0, "rbar": 0.0, "G": 0.0}

@@ -46,7 +46,8 @@ class NSGDM(PolyakFamilyOptimizer):
     NEEDS_LOSS = False
 
     def __init__(self, params, lr, beta: float = 0.9, schedule: str = "constant", *,
-                 fused: bool | None = None):
+                 fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         if not torch.is_tensor(lr):
             check_number("lr", lr, low=0.0)
         check_number("beta", beta, low=0.0)
@@ -55,7 +56,8 @@ class NSGDM(PolyakFamilyOptimizer):
         if schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {SCHEDULES})")
         defaults = dict(lr=lr, beta=float(beta), schedule=schedule)
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": 0.0}

@@ -51,12 +51,14 @@ class Polyak(PolyakFamilyOptimizer):
     GLOBAL_HPARAMS = ("f_star", "c", "max_lr")
 
     def __init__(self, params, f_star: float = 0.0, c: float = 1.0, max_lr: float = math.inf,
-                 lr=1.0, *, fused: bool | None = None):
+                 lr=1.0, *, fused: bool | None = None,
+                 process_group=None, average_loss: bool = True):
         check_number("f_star", f_star)
         check_number("c", c, low=0.0, low_open=True)
         check_number("max_lr", max_lr, low=0.0, low_open=True, allow_inf=True)
         defaults = dict(lr=lr, f_star=float(f_star), c=float(c), max_lr=float(max_lr))
-        super().__init__(params, defaults, fused=fused)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": 0.0}

@@ -33,6 +33,10 @@ class AdaSPS(PolyakFamilyOptimizer):
         lower_bound (float): l* (default 0.0).
         lr (float or tensor): multiplier on the computed step (default 1.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     Guards: a zero gap with a zero gap sum gives a zero ratio (0/0 := 0);
     ||g||^2 <= 1e-16 gives a zero step and counts the ratio as +inf, so eta keeps its value;

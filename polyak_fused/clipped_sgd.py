@@ -36,6 +36,10 @@ class ClippedSGD(PolyakFamilyOptimizer):
         max_norm (float): clipping threshold c > 0 (default inf: no clipping).
         momentum (float): mu in [0, 1) (default 0.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     ``scalars["grad_norm"]`` and ``scalars["clip_coef"]`` hold the last step's pre-clip norm and
     kappa. A non-finite gradient (or loss, when one is given) skips the step: parameters and

@@ -34,6 +34,10 @@ class DecSPS(PolyakFamilyOptimizer):
         lower_bound (float): l* (default 0.0).
         lr (float or tensor): multiplier on the computed step (default 1.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     Guards: f < l* gives a zero Polyak ratio (and so, by the min, zero steps from then on);
     ||g||^2 <= 1e-16 gives a zero step and counts the ratio as +inf in the recursion, so the

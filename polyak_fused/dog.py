@@ -39,6 +39,10 @@ class DoG(PolyakFamilyOptimizer):
         lr (float or tensor): multiplier (default 1.0; the authors advise leaving it at 1).
         weight_decay (float): coupled L2 coefficient lambda >= 0 (default 0.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     Guards: G >= eps > 0, so eta is always finite; a zero gradient moves nothing. A
     non-finite gradient skips the step (parameters and state bitwise unchanged,

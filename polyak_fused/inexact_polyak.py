@@ -47,6 +47,10 @@ class InexactPolyak(PolyakFamilyOptimizer):
             networks.
         fused (bool or None): None takes the Triton kernels for CUDA tensors and the eager
             reference otherwise; True insists on the kernels; False always takes the reference.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     Guards (the same in the fused path):
         * ||g||^2 <= 1e-16: the step is zero (no inf, no NaN).

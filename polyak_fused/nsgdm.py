@@ -33,6 +33,10 @@ class NSGDM(PolyakFamilyOptimizer):
         beta (float): momentum beta in [0, 1) for the constant schedule (default 0.9).
         schedule (str): "constant" or "agnostic" (default "constant").
         fused (bool or None): as in :class:`InexactPolyak`.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     Guards: ||m_t||^2 <= 1e-16 gives a zero step; a non-finite gradient (or loss, when one is
     given) skips the step: parameters, momentum and counters stay bitwise unchanged and

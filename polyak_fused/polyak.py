@@ -33,6 +33,10 @@ class Polyak(PolyakFamilyOptimizer):
         max_lr (float): cap eta_max on the step size before ``lr`` (default inf: no cap).
         lr (float or tensor): multiplier on the computed step (default 1.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        process_group: the torch.distributed group to reduce the loss and the norm over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
 
     Guards: ||g||^2 <= 1e-16 or f < f* gives a zero step; a non-finite loss or gradient
     skips the step (parameters and state bitwise unchanged, ``scalars["skipped"]`` += 1).

@@ -109,6 +109,9 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                                                                           average_loss)
         self._fused_cache: dict = {}
         super().__init__(params, defaults)
+        # The global scalars exist from the start: the state is never empty, which is also how
+        # torch.distributed.checkpoint knows not to run an initialising step() (without a loss).
+        self._ensure_scalars()
 
     # ---- param groups -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -157,21 +160,39 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         names = COMMON_SCALARS + self.SCALARS
         current = self.state.get("scalars")
         packed = self.__dict__.get("_packed_scalars")
-        if (current is not None and packed is not None
+        device = self._device()
+        if (current is not None and packed is not None and packed.device == device
                 and current["step"].data_ptr() == packed.data_ptr()):
             return
         init = {"step": 0.0, "skipped": 0.0, **self._initial_scalars()}
-        packed = torch.tensor([init[n] for n in names], dtype=self._scalar_dtype()).to(self._device())
-        for i, n in enumerate(names):
-            if current is not None and n in current:
+        packed = torch.tensor([init[n] for n in names], dtype=self._scalar_dtype()).to(device)
+        for i, n in enumerate(names):  # keep known values (none on the meta device: no data)
+            if current is not None and n in current and not torch.as_tensor(current[n]).is_meta:
                 packed[i].copy_(torch.as_tensor(current[n]).reshape(()))
         self._packed_scalars = packed
         self.state["scalars"] = {n: packed[i] for i, n in enumerate(names)}
 
+    def state_dict(self) -> dict:
+        """torch.optim's format; the global scalars travel in the first param group (key
+        "scalars"), since "state" may hold only per-parameter entries (torch.distributed.checkpoint
+        maps every key of "state" to a parameter)."""
+        sd = super().state_dict()
+        scalars = sd["state"].pop("scalars", None)
+        if scalars is not None and sd["param_groups"]:
+            sd["param_groups"][0] = {**sd["param_groups"][0], "scalars": dict(scalars)}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        scalars = groups[0].pop("scalars", None) if groups else None
+        state = dict(state_dict["state"])
+        scalars = state.pop("scalars", scalars)  # checkpoints written before 0.1.0's release
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         self._fused_cache.clear()
-        if "scalars" in self.state:
+        self.__dict__.pop("_packed_scalars", None)
+        self.state.pop("scalars", None)
+        if scalars is not None:
+            self.state["scalars"] = scalars
             self._ensure_scalars()
 
     def __getstate__(self):

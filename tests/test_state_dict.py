@@ -90,7 +90,7 @@ def test_resume_equals_uninterrupted_run(factory, split):
     # the hyperparameters (total_steps, lower_bound, c0, ..., group lrs) come back
     for g_loaded, g_saved in zip(opt_c.param_groups, saved_groups):
         for key, value in g_saved.items():
-            if key != "params":
+            if key not in ("params", "scalars"):  # scalars: checked through opt_c.scalars below
                 assert g_loaded[key] == value, (key, g_loaded[key], value)
     assert opt_c.scalars["step"].item() == K - 1 and opt_c.scalars["skipped"].item() == 1
 
@@ -140,12 +140,32 @@ def test_state_dict_holds_plain_values():
     assert sd["param_groups"][0]["total_steps"] == 123
     assert sd["param_groups"][0]["lower_bound"] == 0.5
     assert sd["param_groups"][0]["track_best"] is True
-    scalars = sd["state"]["scalars"]
+    scalars = sd["param_groups"][0]["scalars"]  # "state" holds only per-parameter entries
     assert set(scalars) == {"step", "skipped", "step_size", "best_loss"}
     assert scalars["step"].item() == 1 and scalars["skipped"].item() == 1
     n_params = len(list(model.parameters()))
+    assert set(sd["state"]) == set(range(n_params))
     for i in range(n_params):
         assert set(sd["state"][i]) == {"best"}
+
+
+def test_torch_distributed_checkpoint_helpers_round_trip():
+    """get/set_optimizer_state_dict (what FSDP2 users call) map every "state" key to a
+    parameter name and, on an empty state, run an initialising step() without a loss."""
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    model = make_model()
+    opt = pf.InexactPolyak(model.parameters(), total_steps=50, track_best=True, fused=False)
+    train_steps(model, opt, range(3))
+    sd = get_optimizer_state_dict(model, opt)
+    model_b = make_model()
+    model_b.load_state_dict(model.state_dict())
+    opt_b = pf.InexactPolyak(model_b.parameters(), total_steps=50, track_best=True, fused=False)
+    set_optimizer_state_dict(model_b, opt_b, sd)
+    assert_same_snapshot(snapshot(opt_b), snapshot(opt), what="after set_optimizer_state_dict: ")
+    train_steps(model, opt, range(3, 5))
+    train_steps(model_b, opt_b, range(3, 5))
+    assert_same_snapshot(snapshot(opt_b), snapshot(opt), what="resumed through DCP helpers: ")
 
 
 def test_loaded_total_steps_is_the_one_used():

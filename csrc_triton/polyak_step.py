@@ -39,6 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
+# The guards' constants are defined once, beside the eager references.
+from polyak_fused._optimizer import TINY_GRAD_SQ
+from polyak_fused.clipped_sgd import CLIP_EPS
+from polyak_fused.dog import DOG_EPS
+
 # ------------------------------------------------------------------------------------------------
 # Layouts shared with polyak_fused (the order of each optimizer's SCALARS tuple).
 # scalars: [step, skipped, <method scalars...>]; hparams: per method, below; coefs: [ok, eta, aux].
@@ -48,10 +53,6 @@ METHODS = ("inexact_polyak", "polyak", "decsps", "adasps", "dog", "clipped_sgd",
 #: Number of partial sums each method's reduce kernel writes per chunk.
 N_SUMS = {"dog": 3}
 
-#: sum(g^2) at or below this is a zero gradient (same constant as polyak_fused._optimizer).
-TINY_GRAD_SQ = 1e-16
-DOG_EPS = 1e-8
-CLIP_EPS = 1e-6
 
 META_COLS = 5
 

@@ -70,7 +70,9 @@ def conditions(rows: list[dict]) -> str:
         m = re.search(r"load avg ([0-9./]+) at start", r.get("note", ""))
         if m:
             load = f", load average {m.group(1)} (1/5/15 min) at start"
-        lines.append(f"{r['device_name']}, {r.get('threads', '?')} threads{load}; torch "
+        threads = r.get("threads", "?")
+        threads = f"{threads} thread" + ("" if threads == "1" else "s")
+        lines.append(f"{r['device_name']}, {threads}{load}; torch "
                      f"{r['torch']}, triton {r['triton'] or 'n/a'}; commit {r['git_sha']}; "
                      f"{r['date']}; measured copy bandwidth {float(r['copy_gbps']):.1f} GB/s "
                      "(read + write)")

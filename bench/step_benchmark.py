@@ -31,7 +31,8 @@ What is measured, per (optimizer, layout, dtype, provider):
   * compile_s: wall time of the first call of `compiled` (dynamo + inductor + one step) and of
     `fused` (Triton JIT, possibly from the on-disk cache, + table building + one step).
 Results go to a long-format CSV (one row per measurement, written as soon as it is taken) and a
-PNG plot; ``python -m bench.readme_table <csv>`` makes the README table.
+PNG plot (``--plot-only X.csv`` redraws it); ``python -m bench.readme_table <csv>`` makes the
+README table. bench/NOTES.md has the floor, the traffic budget and how to run it on a GPU.
 """
 
 from __future__ import annotations
@@ -444,16 +445,19 @@ class Settings:
     seed: int
     warm_compile_cache: bool = False
     profile: bool = True
+    git_sha: str | None = None
     extra_note: str = ""
     meta: dict = field(default_factory=dict)
 
 
 #: Which configs get the compiled provider. Compiling costs tens of seconds to minutes per
-#: (method, layout, dtype) (dynamo + inductor re-lower the step for every tensor), so only
-#: "all" compiles everything.
+#: (method, layout, dtype) (dynamo + inductor re-lower the step for every tensor: about 30 s for
+#: the 148-tensor GPT-2 step on the two-core CPU), so only "all" compiles everything; "headline"
+#: leaves out layouts of more than 500 tensors, whose compile may alone take minutes.
 COMPILE_POLICIES = {
     "all": lambda method, layout, dtype: True,
-    "headline": lambda method, layout, dtype: method == "inexact_polyak" and dtype == "float32",
+    "headline": lambda method, layout, dtype: (method == "inexact_polyak" and dtype == "float32"
+                                               and layout.n_tensors <= 500),
     "gpt2": lambda method, layout, dtype: (method == "inexact_polyak" and dtype == "float32"
                                            and layout.name.startswith("gpt2")),
     "none": lambda method, layout, dtype: False,
@@ -485,7 +489,8 @@ def _run(s: Settings, t_start: float) -> Path:
     bw = copy_bandwidth(device, s.quick)
     meta = dict(date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), device=device.type,
                 device_name=device_name(device), torch=torch.__version__,
-                triton=triton_version(), git_sha=git_sha(), threads=torch.get_num_threads())
+                triton=triton_version(), git_sha=s.git_sha or git_sha(),
+                threads=torch.get_num_threads())
     s.meta = meta
     print(f"# {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"{meta['git_sha']} | threads {meta['threads']} | load avg {load_average()}")
@@ -496,7 +501,8 @@ def _run(s: Settings, t_start: float) -> Path:
               "bench/results/ (step_cuda_*.csv); none has been taken yet.")
     if s.compile != "all" and "compiled" in s.providers:
         print(f"# compiled provider: --compile {s.compile} (headline = InexactPolyak float32 on "
-              "every layout; gpt2 = the same on the GPT-2 layout only; all = every config)")
+              "every layout of <= 500 tensors; gpt2 = the same on the GPT-2 layout only; all = "
+              "every config)")
     base_note = f"load avg {load_average()} at start"
     if s.extra_note:
         base_note += f"; {s.extra_note}"
@@ -579,7 +585,10 @@ def measure(row, notes, prov, method, spec, work: Workload, s: Settings, i, nbyt
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         notes.append(f"failed: {type(err).__name__}: {msg[:160]}")
         if work.device.type == "cuda":
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError as cuda_err:   # a sticky CUDA error: later rows will fail too
+                notes.append(f"CUDA error after the failure: {str(cuda_err).splitlines()[0][:120]}")
         return i + 1
     med = timing.pct(0.5)
     row.update(median_ms=f"{med:.6g}", p20_ms=f"{timing.pct(0.2):.6g}",
@@ -596,9 +605,12 @@ def measure(row, notes, prov, method, spec, work: Workload, s: Settings, i, nbyt
         if lnote:
             notes.append(lnote)
     if work.device.type == "cuda":
-        syncs = count_syncs(step, work, i)
+        try:
+            syncs = count_syncs(step, work, i)
+            row["syncs"] = f"{syncs:.0f}"
+        except Exception as err:  # noqa: BLE001 - keep the timings taken
+            notes.append(f"sync count failed: {type(err).__name__}: {str(err)[:80]}")
         i += 1
-        row["syncs"] = f"{syncs:.0f}"
     elif s.profile:
         notes.append("CPU: launches = top-level aten ops per step; syncs n/a")
     if not work.all_finite():
@@ -678,7 +690,9 @@ def plot(csv_path, png_path) -> None:
     handles += [Line2D([], [], color="gray", ls=styles[d], label=d) for d in dts]
     legend_ax.legend(handles=handles, loc="upper left", fontsize=7.5, frameon=False)
     r0 = rows[0]
-    legend_ax.text(0.0, 0.0, f"{r0['device_name']}, {r0.get('threads', '?')} threads\n"
+    threads = r0.get("threads", "?")
+    legend_ax.text(0.0, 0.0, f"{r0['device_name']}, {threads} thread"
+                   f"{'' if threads == '1' else 's'}\n"
                    f"torch {r0['torch']}, triton {r0['triton'] or 'n/a'}\n"
                    f"copy {float(r0['copy_gbps']):.1f} GB/s (read + write)\n"
                    f"{r0['date']}, {r0['git_sha']}",
@@ -715,8 +729,9 @@ def parse_args(argv=None) -> Settings:
                     help="comma list of " + ", ".join(PROVIDERS))
     ap.add_argument("--compile", default=None, choices=tuple(COMPILE_POLICIES),
                     help="which configs get the compiled provider: all; headline = InexactPolyak "
-                    "float32 on every layout (default on cuda); gpt2 = InexactPolyak float32 on the "
-                    "GPT-2 layout only (default on cpu, where one compile takes ~30 s); none")
+                    "float32 on every layout of <= 500 tensors (default on cuda); gpt2 = "
+                    "InexactPolyak float32 on the GPT-2 layout only (default on cpu, where one "
+                    "compile takes ~30 s); none")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--target-s", type=float, default=None,
                     help="timed seconds per measurement (default 0.4 cuda, 0.05 cpu; at least 10 "
@@ -738,6 +753,8 @@ def parse_args(argv=None) -> Settings:
                     "other core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="free text added to every row's note")
+    ap.add_argument("--git-sha", default=None,
+                    help="the commit to record when the checkout has no .git (e.g. a copied tree)")
     a = ap.parse_args(argv)
 
     if a.device == "auto":
@@ -766,14 +783,22 @@ def parse_args(argv=None) -> Settings:
         providers=_csv_list(a.providers, PROVIDERS, "provider"),
         compile=a.compile or ("headline" if cuda else "gpt2"),
         target_s=target,
-        min_reps=(10 if cuda else 3) if not a.quick else 2,
+        min_reps=(10 if cuda else 3) if not a.quick else (5 if cuda else 2),
         max_reps=(200 if cuda else 10) if not a.quick else 10,
         warmup=(3 if cuda else 1) if not a.quick else 1,
         quick=a.quick, out=Path(out), plot=not a.no_plot, budget_s=a.budget_s, seed=a.seed,
-        extra_note=a.note, warm_compile_cache=a.warm_compile_cache, profile=not a.no_profile)
+        extra_note=a.note, warm_compile_cache=a.warm_compile_cache, profile=not a.no_profile,
+        git_sha=a.git_sha)
 
 
 def main(argv=None) -> Path:
+    if argv and argv[0] == "--plot-only":          # python -m bench.step_benchmark --plot-only X.csv
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m bench.step_benchmark --plot-only RESULTS.csv")
+        csv_path = Path(argv[1])
+        plot(csv_path, csv_path.with_suffix(".png"))
+        print(f"# wrote {csv_path.with_suffix('.png')}")
+        return csv_path
     s = parse_args(argv)
     return run(s)
 

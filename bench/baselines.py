@@ -88,6 +88,12 @@ def _count(s, finite):
     s["skipped"].add_((~finite).to(s["skipped"].dtype))
 
 
+def _all_finite(value, loss):
+    """isfinite(value), and isfinite(loss) when a loss is given (a 0-d bool tensor)."""
+    ok = torch.isfinite(value)
+    return ok if loss is None else ok & torch.isfinite(loss)
+
+
 def _keep(finite, target, value):
     target.copy_(torch.where(finite, value, target))
 
@@ -148,7 +154,7 @@ def dog_device(params, grads, bufs, s, loss, *, lr, reps_rel, weight_decay):
     grad_sq = sum_of_squares(d, dt)                                       # ||g + wd x||^2
     dist_sq = sum_of_squares(torch._foreach_sub(params, x0s), dt)         # ||x - x0||^2
     x0_sq = sum_of_squares(x0s, dt)                                       # ||x0||^2
-    finite = torch.isfinite(grad_sq) if loss is None else torch.isfinite(grad_sq) & torch.isfinite(loss)
+    finite = _all_finite(grad_sq, loss)
     r_eps = reps_rel * (1 + torch.sqrt(x0_sq))
     rbar = torch.maximum(torch.maximum(s["rbar"], torch.sqrt(dist_sq)), r_eps)
     G = s["G"] + grad_sq + torch.where(s["step"] == 0, DOG_EPS, 0.0)
@@ -162,7 +168,7 @@ def dog_device(params, grads, bufs, s, loss, *, lr, reps_rel, weight_decay):
 
 def clipped_sgd_device(params, grads, bufs, s, loss, *, lr, max_norm, momentum):
     grad_sq = sum_of_squares(grads, s["step"].dtype)
-    finite = torch.isfinite(grad_sq) if loss is None else torch.isfinite(grad_sq) & torch.isfinite(loss)
+    finite = _all_finite(grad_sq, loss)
     norm = torch.sqrt(grad_sq)
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)                  # kappa
     if momentum > 0:                                                      # m <- mu m + kappa g
@@ -188,7 +194,7 @@ def nsgdm_device(params, grads, bufs, s, loss, *, lr, beta, schedule):
         s_t = torch.ones_like(t)
         torch._foreach_lerp_(ms, grads, 1 - beta)                        # m <- beta m + (1-beta) g
     m_sq = sum_of_squares(ms, s["step"].dtype)                            # ||m_t||^2
-    finite = torch.isfinite(m_sq) if loss is None else torch.isfinite(m_sq) & torch.isfinite(loss)
+    finite = _all_finite(m_sq, loss)
     eta = torch.where(m_sq > TINY_GRAD_SQ, s_t / torch.sqrt(m_sq), 0.0)
     descend_device(params, ms, torch.where(finite, lr * eta, 0.0))
     _keep(finite, s["step_size"], eta)

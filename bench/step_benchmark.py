@@ -168,6 +168,23 @@ def load_average() -> str:
         return "n/a"
 
 
+def steady_cpu_malloc() -> str:
+    """Ask glibc to keep freed memory instead of returning it to the OS: blocks below 32 MB come
+    from the heap (not mmap) and the heap is never trimmed. Without this, every full-size
+    temporary of a foreach or reference step on large CPU tensors is page-faulted in again at each
+    step, and the same configuration measured 5.0 or 24.7 ms depending on the allocator's history
+    (bench/NOTES.md). The CUDA caching allocator already behaves this way. Returns a note."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = (libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+              and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1)
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc keeps freed memory (mallopt)" if ok else "mallopt unavailable: system malloc"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -383,7 +400,8 @@ def make_provider(name: str, method: str, spec: OptSpec, work: Workload):
     needs_loss = method in baselines.NEEDS_LOSS
     hp = dict(spec.hparams)
     if name in ("reference", "fused"):
-        opt = spec.cls(work.params, lr=spec.lr, fused=(False if name == "reference" else None), **hp)
+        fused = False if name == "reference" else None
+        opt = spec.cls(work.params, lr=spec.lr, fused=fused, **hp)
         if name == "fused":
             from polyak_fused._optimizer import use_fused_path
             if not use_fused_path(None, work.params):
@@ -446,6 +464,7 @@ class Settings:
     warm_compile_cache: bool = False
     profile: bool = True
     git_sha: str | None = None
+    system_malloc: bool = False
     extra_note: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -504,6 +523,8 @@ def _run(s: Settings, t_start: float) -> Path:
               "every layout of <= 500 tensors; gpt2 = the same on the GPT-2 layout only; all = "
               "every config)")
     base_note = f"load avg {load_average()} at start"
+    if device.type == "cpu":
+        base_note += "; " + (steady_cpu_malloc() if not s.system_malloc else "system malloc")
     if s.extra_note:
         base_note += f"; {s.extra_note}"
     skipped_budget = 0
@@ -539,7 +560,8 @@ def _run(s: Settings, t_start: float) -> Path:
                         frac = row.get("frac_of_floor")
                         print(f"{method:15s} {lname:11s} {dname:8s} {prov:15s} "
                               + (f"{float(med):10.3f} ms  {float(frac) * 100:5.1f}% of floor"
-                                 f"  launches={row.get('launches', '')} syncs={row.get('syncs', '')}"
+                                 f"  launches={row.get('launches', '')}"
+                                 f" syncs={row.get('syncs', '')}"
                                  if med not in (None, "") else "not timed")
                               + (f"  compile {float(row['compile_s']):.1f}s"
                                  if row.get("compile_s") not in (None, "") and prov == "compiled"
@@ -724,7 +746,8 @@ def parse_args(argv=None) -> Settings:
     ap.add_argument("--layouts", default=None,
                     help="comma list of " + ", ".join(L.ALL_LAYOUTS) + " (default: "
                     + ",".join(L.DEFAULT_GPU) + " on cuda, " + ",".join(L.DEFAULT_CPU) + " on cpu)")
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of " + ", ".join(DTYPES))
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma list of " + ", ".join(DTYPES))
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma list of " + ", ".join(PROVIDERS))
     ap.add_argument("--compile", default=None, choices=tuple(COMPILE_POLICIES),
@@ -751,6 +774,9 @@ def parse_args(argv=None) -> Settings:
                     help="CPU threads for torch (default 1 on cpu: on a shared two-core machine a "
                     "second OpenMP thread stalls at every barrier when another process holds the "
                     "other core)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="cpu: leave glibc's malloc as it is (default: keep freed memory, so that "
+                    "large temporaries are not page-faulted in again at every step)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="free text added to every row's note")
     ap.add_argument("--git-sha", default=None,
@@ -788,11 +814,11 @@ def parse_args(argv=None) -> Settings:
         warmup=(3 if cuda else 1) if not a.quick else 1,
         quick=a.quick, out=Path(out), plot=not a.no_plot, budget_s=a.budget_s, seed=a.seed,
         extra_note=a.note, warm_compile_cache=a.warm_compile_cache, profile=not a.no_profile,
-        git_sha=a.git_sha)
+        git_sha=a.git_sha, system_malloc=a.system_malloc)
 
 
 def main(argv=None) -> Path:
-    if argv and argv[0] == "--plot-only":          # python -m bench.step_benchmark --plot-only X.csv
+    if argv and argv[0] == "--plot-only":      # python -m bench.step_benchmark --plot-only X.csv
         if len(argv) != 2:
             raise SystemExit("usage: python -m bench.step_benchmark --plot-only RESULTS.csv")
         csv_path = Path(argv[1])

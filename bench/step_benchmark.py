@@ -465,6 +465,7 @@ class Settings:
     profile: bool = True
     git_sha: str | None = None
     system_malloc: bool = False
+    threads: int | None = None
     extra_note: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -491,15 +492,24 @@ def run(s: Settings) -> Path:
     t_start = time.perf_counter()
     device = s.device
     cold_dir = None
+    threads_before = torch.get_num_threads()
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
     if "compiled" in s.providers and s.compile != "none" and not s.warm_compile_cache:
         # compile_s is a first-time compile: inductor gets an empty on-disk cache for this run
         cold_dir = tempfile.mkdtemp(prefix="step_benchmark_inductor_")
+        saved_cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
     try:
         return _run(s, t_start)
     finally:
+        torch.set_num_threads(threads_before)
         if cold_dir is not None:
             shutil.rmtree(cold_dir, ignore_errors=True)
+            if saved_cache_dir is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache_dir
 
 
 def _run(s: Settings, t_start: float) -> Path:
@@ -790,10 +800,6 @@ def parse_args(argv=None) -> Settings:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     cuda = device.type == "cuda"
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
-    elif not cuda:
-        torch.set_num_threads(1)
     layouts = _csv_list(a.layouts or ",".join(L.DEFAULT_GPU if cuda else L.DEFAULT_CPU),
                         L.ALL_LAYOUTS, "layout")
     date = _dt.date.today().isoformat()
@@ -814,7 +820,8 @@ def parse_args(argv=None) -> Settings:
         warmup=(3 if cuda else 1) if not a.quick else 1,
         quick=a.quick, out=Path(out), plot=not a.no_plot, budget_s=a.budget_s, seed=a.seed,
         extra_note=a.note, warm_compile_cache=a.warm_compile_cache, profile=not a.no_profile,
-        git_sha=a.git_sha, system_malloc=a.system_malloc)
+        git_sha=a.git_sha, system_malloc=a.system_malloc,
+        threads=a.threads if a.threads is not None else (None if cuda else 1))
 
 
 def main(argv=None) -> Path:

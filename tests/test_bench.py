@@ -124,12 +124,15 @@ def test_harness_smoke(tmp_path, capsys):
     """One quick run on the smallest CPU layout: every requested provider gets a timed, finite
     row with the floor arithmetic consistent, and the README table is made from it."""
     out = tmp_path / "step.csv"
+    threads = torch.get_num_threads()
     step_benchmark.main(["--device", "cpu", "--quick", "--layouts", "tiny_200",
                          "--dtypes", "float32", "--optimizers", "inexact_polyak,clipped_sgd",
                          "--providers", "reference,foreach_item,foreach,torch_sgd_clip,fused",
                          "--out", str(out), "--no-plot", "--target-s", "0.01"])
+    assert torch.get_num_threads() == threads     # the run's one CPU thread is not left behind
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
+    assert all(r["threads"] == "1" for r in rows)
     got = {(r["optimizer"], r["provider"]) for r in rows}
     assert got == {("inexact_polyak", "reference"), ("inexact_polyak", "foreach_item"),
                    ("inexact_polyak", "foreach"), ("clipped_sgd", "reference"),

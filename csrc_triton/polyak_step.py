@@ -432,16 +432,16 @@ class _Plan:
 
 
 def _lr_slots(lrs):
-    """One device slot per distinct lr object (a param group's lr is one object)."""
-    slot_of, firsts = {}, []
-    slots = []
-    for lr in lrs:
+    """One device slot per distinct lr object (a param group's lr is one object): the slot of
+    each tensor, and the index of the first tensor of each slot."""
+    slot_of, first_of_slot, slots = {}, [], []
+    for i, lr in enumerate(lrs):
         key = id(lr)
         if key not in slot_of:
-            slot_of[key] = len(firsts)
-            firsts.append(lr)
+            slot_of[key] = len(first_of_slot)
+            first_of_slot.append(i)
         slots.append(slot_of[key])
-    return slots, firsts
+    return slots, first_of_slot
 
 
 def _refresh_lrs(plan: _Plan, values) -> None:
@@ -471,15 +471,20 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
             raise RuntimeError(f"the fused path takes float32, bfloat16 and float16 tensors, not {p.dtype}")
     buf = next(iter(buffers.values())) if buffers else None
     device = scalars.device
-    lr_slots, lr_values = _lr_slots(lrs)
+    cache = {} if cache is None else cache
+    lr_ids = tuple(map(id, lrs))
+    if cache.get("lr_ids") != lr_ids:
+        cache["lr_ids"], cache["lr_slots"] = lr_ids, _lr_slots(lrs)
+    lr_slots, first_of_slot = cache["lr_slots"]
+    lr_values = [lrs[i] for i in first_of_slot]
     hp = _hparam_values(method, hparams)
     # The tables depend on the parameters and state buffers (stable for a whole run) and on the
     # gradient pointers, which change when zero_grad(set_to_none=True) frees the grads and the
     # allocator hands back other addresses: then only the gradient column is rewritten.
-    key = (method, tuple(hp), tuple(lr_slots), tuple(p.data_ptr() for p in params),
-           tuple(p.shape for p in params), tuple(b.data_ptr() for b in buf) if buf is not None else None)
-    grad_key = tuple(g.data_ptr() for g in grads)
-    cache = {} if cache is None else cache
+    data_ptr = torch.Tensor.data_ptr
+    key = (method, tuple(hp), tuple(lr_slots), tuple(map(data_ptr, params)),
+           tuple(map(torch.Tensor.numel, params)), tuple(map(data_ptr, buf)) if buf else None)
+    grad_key = tuple(map(data_ptr, grads))
     plan = cache.get("plan")
     if plan is None or cache.get("key") != key:
         plan = _Plan(method, params, grads, buf, lr_slots, len(lr_values), hp, device)

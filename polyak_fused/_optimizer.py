@@ -146,8 +146,10 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
-    def _device(self) -> torch.device:
-        devices = {p.device for g in self.param_groups for p in g["params"]}
+    def _device(self, params=None) -> torch.device:
+        if params is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+        devices = {p.device for p in params}
         if len(devices) != 1:
             raise ValueError(
                 f"{type(self).__name__} needs all parameters on one device, got {sorted(map(str, devices))}")
@@ -160,10 +162,11 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         names = COMMON_SCALARS + self.SCALARS
         current = self.state.get("scalars")
         packed = self.__dict__.get("_packed_scalars")
-        device = self._device()
-        if (current is not None and packed is not None and packed.device == device
+        first = next(p for g in self.param_groups for p in g["params"])
+        if (current is not None and packed is not None and packed.device == first.device
                 and current["step"].data_ptr() == packed.data_ptr()):
             return
+        device = self._device()
         init = {"step": 0.0, "skipped": 0.0, **self._initial_scalars()}
         packed = torch.tensor([init[n] for n in names], dtype=self._scalar_dtype()).to(device)
         for i, n in enumerate(names):  # keep known values (none on the meta device: no data)
@@ -210,32 +213,39 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
 
     # ---- step ---------------------------------------------------------------------------------
     def _collect(self):
-        """Params with a gradient, their grads, and per-param group lrs; validates first."""
+        """Params with a gradient, their grads, and per-param group lrs; validates first.
+        (This loop and the next are the host's per-tensor work on every step: keep them lean.)"""
         params, grads, lrs = [], [], []
         for group in self.param_groups:
+            lr = group["lr"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad.is_complex():
-                    raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
-                params.append(p)
-                grads.append(p.grad)
-                lrs.append(group["lr"])
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    params.append(p)
+                    grads.append(g)
+                    lrs.append(lr)
         return params, grads, lrs
 
-    def _state_buffers(self, params) -> dict[str, list[torch.Tensor]]:
-        """Per-parameter state tensors, created on first use by `_init_buffer`."""
-        out = {name: [] for name in self.BUFFERS}
+    def _param_set(self, params):
+        """What depends only on which parameters take part (cached until that set changes, a
+        param group is added or a state is loaded): their device, the path, the state buffers."""
+        key = tuple(map(id, params))
+        cached = self._fused_cache.get("param_set")
+        if cached is not None and cached[0] == key and cached[1] == params[0].device:
+            return cached[1], cached[2], cached[3]
+        device = self._device(params)
+        fused = use_fused_path(self.fused, params)
+        buffers = {name: [] for name in self.BUFFERS}
         for p in params:
             st = self.state[p]
-            for name in self.BUFFERS:
+            for name, out in buffers.items():
                 if name not in st:
                     st[name] = self._init_buffer(name, p)
-                    self._fused_cache.clear()
-                out[name].append(st[name])
-        return out
+                out.append(st[name])
+        self._fused_cache["param_set"] = (key, device, fused, buffers)
+        return device, fused, buffers
 
     def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -258,16 +268,10 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         params, grads, lrs = self._collect()
         if not params:
             return loss
-        device = self._device()
         self._ensure_scalars()
-        dtype = self._packed_scalars.dtype
-        loss_t = None
-        if loss is not None:
-            loss_t = as_loss_tensor(loss, device, dtype)
-        elif self.NEEDS_LOSS:  # pragma: no cover - handled above
-            raise AssertionError
-        fused = use_fused_path(self.fused, params)
-        buffers = self._state_buffers(params)
+        scalars = self._packed_scalars
+        loss_t = None if loss is None else as_loss_tensor(loss, scalars.device, scalars.dtype)
+        _, fused, buffers = self._param_set(params)  # may create state: after every check
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
             self._run(params, grads, buffers, lrs, loss_t, fused)
         return loss

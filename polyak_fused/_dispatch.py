@@ -10,9 +10,10 @@ from .distributed import current_reduction
 def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hparams: dict,
               cache: dict | None) -> None:
     try:
-        from csrc_triton.polyak_step import polyak_step_
+        import triton  # noqa: F401
     except ImportError as err:  # pragma: no cover - only where triton is missing
         raise RuntimeError(
             "the fused path needs Triton (pip install triton); use fused=False") from err
+    from csrc_triton.polyak_step import polyak_step_
     reduce = _eager.across_ranks if current_reduction() is not None else None
     polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache, reduce)

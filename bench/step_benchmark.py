@@ -59,6 +59,7 @@ import torch
 import polyak_fused as pf
 from bench import baselines
 from bench import layouts as L
+from bench.readme_table import read_rows
 
 PROVIDERS = ("reference", "foreach_item", "foreach", "compiled", "torch_sgd_clip", "fused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -661,13 +662,6 @@ def measure(row, notes, prov, method, spec, work: Workload, s: Settings, i, nbyt
 COLORS = {"reference": "tab:gray", "foreach_item": "tab:orange", "foreach": "tab:blue",
           "compiled": "tab:purple", "torch_sgd_clip": "tab:green", "fused": "tab:red"}
 
-
-def read_rows(paths) -> list[dict]:
-    rows = []
-    for p in paths:
-        with open(p, newline="") as f:
-            rows += list(csv.DictReader(f))
-    return rows
 
 
 def plot(csv_path, png_path) -> None:

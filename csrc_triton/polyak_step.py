@@ -211,7 +211,7 @@ def _ordered_sum(ptr, n, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["n_slots"])
 def _step_size_kernel(partials, n_slots, loss_ptr, scalars, hparams, coefs,
                       METHOD: tl.constexpr, HAS_LOSS: tl.constexpr, TRACK_BEST: tl.constexpr,
-                      MOMENTUM: tl.constexpr, AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
+                      AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
     # Traffic: reads the partials (4 B per chunk and sum); a few scalars otherwise.
     s0 = _ordered_sum(partials, n_slots, BLOCK)                 # sum g^2 (DoG: sum d^2)
     step = tl.load(scalars + 0)
@@ -392,6 +392,9 @@ class _Plan:
         self.groups = []
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise RuntimeError(
+                    f"the fused path takes float32, bfloat16 and float16 tensors, not {p.dtype}")
             by_dtype.setdefault(p.dtype, []).append(i)
         slot0 = 0
         for dtype, idxs in by_dtype.items():
@@ -466,9 +469,6 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
         raise ValueError(f"unknown method: {method!r}")
     if scalars.dtype != torch.float32:
         raise RuntimeError("the fused path keeps its scalar state in float32")
-    for p in params:
-        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise RuntimeError(f"the fused path takes float32, bfloat16 and float16 tensors, not {p.dtype}")
     buf = next(iter(buffers.values())) if buffers else None
     device = scalars.device
     cache = {} if cache is None else cache
@@ -524,8 +524,7 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     loss_arg = loss.to(torch.float32) if has_loss else scalars
     _step_size_kernel[(1,)](
         partials, n_slots, loss_arg, scalars, plan.hparams, plan.coefs, METHOD=method,
-        HAS_LOSS=has_loss, TRACK_BEST=track_best, MOMENTUM=momentum, AGNOSTIC=agnostic,
-        BLOCK=1024)
+        HAS_LOSS=has_loss, TRACK_BEST=track_best, AGNOSTIC=agnostic, BLOCK=1024)
 
     for grp in plan.groups:
         _update_kernel[(grp.n_chunks,)](

@@ -63,7 +63,7 @@ def _jobs():
                    {"partials": "*fp32", "n_slots": "i32", "loss_ptr": "*fp32", "scalars": "*fp32",
                     "hparams": "*fp32", "coefs": "*fp32"},
                    {"METHOD": method, "HAS_LOSS": has_loss, "TRACK_BEST": flags["TRACK_BEST"],
-                    "MOMENTUM": flags["MOMENTUM"], "AGNOSTIC": flags["AGNOSTIC"], "BLOCK": 1024}, 4)
+                    "AGNOSTIC": flags["AGNOSTIC"], "BLOCK": 1024}, 4)
 
 
 def _compile_all() -> dict:

@@ -146,10 +146,10 @@ def _block_indices(start, off, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD: tl.constexpr,
+def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD: tl.constexpr,
                   MASKED: tl.constexpr):
     """This block's terms of the method's sums (s0, s1, s2)."""
-    g = _load(g_ptr, idx, mask, MASKED)
+    g = _load(g_ptr, idx, mask, MASKED) * inv_scale      # unscaled as it is loaded (GradScaler)
     if METHOD == "dog":
         x = _load(x_ptr, idx, mask, MASKED)
         x0 = _load(b_ptr, idx, mask, MASKED)
@@ -163,12 +163,13 @@ def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD: tl.constex
 
 
 @triton.jit(do_not_specialize=["chunk_size", "n_slots", "slot0"])
-def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, chunk_size, n_slots, slot0,
-                   METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, ALIGNED: tl.constexpr,
+def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, grad_scale, chunk_size, n_slots,
+                   slot0, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, ALIGNED: tl.constexpr,
                    BLOCK: tl.constexpr):
     # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B).
-    # Writes one float per chunk and per sum.
+    # Writes one float per chunk and per sum. grad_scale: GradScaler's scale (1.0 without one).
     pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size, ALIGNED)
+    inv_scale = 1.0 / tl.load(grad_scale)
     wd = 0.0
     beta_t = 0.0
     if METHOD == "dog":
@@ -181,13 +182,15 @@ def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, chunk_size, n
     n_full = (end - start) // BLOCK * BLOCK
     for off in range(0, n_full, BLOCK):
         idx, mask = _block_indices(start, off, end, BLOCK)
-        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD, False)
+        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD,
+                                    False)
         acc0 += a0
         acc1 += a1
         acc2 += a2
     if n_full < end - start:
         idx, mask = _block_indices(start, n_full, end, BLOCK)
-        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, wd, beta_t, METHOD, True)
+        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD,
+                                    True)
         acc0 += a0
         acc1 += a1
         acc2 += a2
@@ -209,13 +212,13 @@ def _ordered_sum(ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_slots"])
-def _step_size_kernel(partials, n_slots, loss_ptr, scalars, hparams, coefs,
+def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, coefs,
                       METHOD: tl.constexpr, HAS_LOSS: tl.constexpr, TRACK_BEST: tl.constexpr,
                       AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
     # Traffic: reads the partials (4 B per chunk and sum); a few scalars otherwise.
     s0 = _ordered_sum(partials, n_slots, BLOCK)                 # sum g^2 (DoG: sum d^2)
     step = tl.load(scalars + 0)
-    ok = _is_finite(s0)
+    ok = _is_finite(s0) & (tl.load(found_inf) == 0.0)         # GradScaler found an inf: skip
     loss = 0.0
     if HAS_LOSS:
         loss = tl.load(loss_ptr).to(tl.float32)
@@ -294,13 +297,14 @@ CLIP_EPS_C = tl.constexpr(CLIP_EPS)
 
 
 @triton.jit
-def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD: tl.constexpr,
-                  TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr, MASKED: tl.constexpr):
+def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
+                  METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
+                  MASKED: tl.constexpr):
     """x <- x - lr * eta * direction for one block (and the state buffer where there is one).
     hp1 is DoG's weight decay or clipped SGD's momentum; aux is NSGD-M's beta_t or the
     best-iterate flag."""
     x = _load(x_ptr, idx, mask, MASKED)
-    g = _load(g_ptr, idx, mask, MASKED)
+    g = _load(g_ptr, idx, mask, MASKED) * inv_scale      # unscaled as it is loaded (GradScaler)
     if METHOD == "dog":
         x_new = x - (lr * eta) * (g + hp1 * x)
     elif METHOD == "clipped_sgd":
@@ -323,7 +327,7 @@ def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD: tl.
 
 
 @triton.jit(do_not_specialize=["chunk_size"])
-def _update_kernel(meta, chunks, like, coefs, lrs, hparams, chunk_size,
+def _update_kernel(meta, chunks, like, coefs, lrs, hparams, grad_scale, chunk_size,
                    METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     # Traffic (fp32): reads x, g, writes x: 12N B. Momentum methods also read and write m:
@@ -334,17 +338,18 @@ def _update_kernel(meta, chunks, like, coefs, lrs, hparams, chunk_size,
         eta = tl.load(coefs + 1)
         aux = tl.load(coefs + 2)
         lr = tl.load(lrs + lr_slot)
+        inv_scale = 1.0 / tl.load(grad_scale)
         hp1 = 0.0
         if METHOD == "dog" or METHOD == "clipped_sgd":
             hp1 = tl.load(hparams + 1)
         n_full = (end - start) // BLOCK * BLOCK
         for off in range(0, n_full, BLOCK):
             idx, mask = _block_indices(start, off, end, BLOCK)
-            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD,
+            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
                           TRACK_BEST, MOMENTUM, False)
         if n_full < end - start:
             idx, mask = _block_indices(start, n_full, end, BLOCK)
-            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, lr, eta, aux, hp1, METHOD,
+            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
                           TRACK_BEST, MOMENTUM, True)
 
 
@@ -429,6 +434,9 @@ class _Plan:
         self.n_slots = max(slot0, 1)
         self.partials = torch.zeros(self.n_sums * self.n_slots, dtype=torch.float32, device=device)
         self.coefs = torch.zeros(3, dtype=torch.float32, device=device)
+        # What the kernels read when no GradScaler hands over a scale and an inf flag.
+        self.no_scale = torch.ones(1, dtype=torch.float32, device=device)
+        self.no_inf = torch.zeros(1, dtype=torch.float32, device=device)
         self.hparams = _to_device(hparams, torch.float32, device)
         self.lrs = torch.zeros(n_lr_slots, dtype=torch.float32, device=device)
         self.lr_values: list = [None] * n_lr_slots
@@ -461,10 +469,13 @@ def _refresh_lrs(plan: _Plan, values) -> None:
 
 
 def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: torch.Tensor,
-                 hparams: dict, cache: dict | None = None, reduce=None) -> None:
+                 hparams: dict, cache: dict | None = None, reduce=None, grad_scale=None,
+                 found_inf=None) -> None:
     """One fused step of `method` over flat lists, in place. `buffers` maps the method's one state
     buffer name (x_best, x0 or momentum) to its list; `scalars` is the packed fp32 scalar state;
-    `reduce(loss, *totals)`, if given, combines the loss and the sums across ranks."""
+    `reduce(loss, *totals)`, if given, combines the loss and the sums across ranks.
+    `grad_scale` (a one-element device tensor, GradScaler's scale): the kernels divide every
+    gradient by it as they load it. `found_inf` (likewise): non-zero skips the step."""
     if method not in METHODS:
         raise ValueError(f"unknown method: {method!r}")
     if scalars.dtype != torch.float32:
@@ -509,9 +520,12 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     momentum = method == "nsgdm" or (method == "clipped_sgd" and hparams["momentum"] > 0)
     agnostic = hparams.get("schedule") == "agnostic"
     cfg = plan.cfg
+    scale_arg = plan.no_scale if grad_scale is None else grad_scale.to(device, torch.float32)
+    inf_arg = plan.no_inf if found_inf is None else found_inf.to(device, torch.float32)
     for grp in plan.groups:
         _reduce_kernel[(grp.n_chunks,)](
-            grp.meta, grp.chunks, grp.like, plan.partials, scalars, plan.hparams, cfg["chunk"],
+            grp.meta, grp.chunks, grp.like, plan.partials, scalars, plan.hparams, scale_arg,
+            cfg["chunk"],
             plan.n_slots, grp.slot0, METHOD=method, AGNOSTIC=agnostic, ALIGNED=grp.aligned,
             BLOCK=cfg["block"], num_warps=cfg["num_warps"])
 
@@ -523,12 +537,13 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     has_loss = loss is not None
     loss_arg = loss.to(torch.float32) if has_loss else scalars
     _step_size_kernel[(1,)](
-        partials, n_slots, loss_arg, scalars, plan.hparams, plan.coefs, METHOD=method,
+        partials, n_slots, loss_arg, inf_arg, scalars, plan.hparams, plan.coefs, METHOD=method,
         HAS_LOSS=has_loss, TRACK_BEST=track_best, AGNOSTIC=agnostic, BLOCK=1024)
 
     for grp in plan.groups:
         _update_kernel[(grp.n_chunks,)](
-            grp.meta, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams, cfg["chunk"],
+            grp.meta, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams, scale_arg,
+            cfg["chunk"],
             METHOD=method, TRACK_BEST=track_best, MOMENTUM=momentum, ALIGNED=grp.aligned,
             BLOCK=cfg["block"], num_warps=cfg["num_warps"])
 

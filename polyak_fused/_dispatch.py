@@ -8,7 +8,7 @@ from .distributed import current_reduction
 
 
 def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hparams: dict,
-              cache: dict | None) -> None:
+              cache: dict | None, *, grad_scale=None, found_inf=None) -> None:
     try:
         import triton  # noqa: F401
     except ImportError as err:  # pragma: no cover - only where triton is missing
@@ -16,4 +16,5 @@ def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hpa
             "the fused path needs Triton (pip install triton); use fused=False") from err
     from csrc_triton.polyak_step import polyak_step_
     reduce = _eager.across_ranks if current_reduction() is not None else None
-    polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache, reduce)
+    polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache, reduce,
+                 grad_scale=grad_scale, found_inf=found_inf)

@@ -25,10 +25,12 @@ def sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     return torch.stack(parts).sum()
 
 
-def is_finite(*scalars: torch.Tensor) -> torch.Tensor:
-    """True (a 0-d bool tensor, no host sync) when every scalar is finite."""
-    ok = torch.isfinite(scalars[0])
-    for s in scalars[1:]:
+def is_finite(*scalars: torch.Tensor | None) -> torch.Tensor:
+    """True (a 0-d bool tensor, no host sync) when every scalar is finite (None: not checked,
+    for the optional loss)."""
+    given = [s for s in scalars if s is not None]
+    ok = torch.isfinite(given[0])
+    for s in given[1:]:
         ok = ok & torch.isfinite(s)
     return ok
 
@@ -59,3 +61,16 @@ def across_ranks(loss, *sums):
     if reduction is None:
         return (loss, *sums)
     return reduction(loss, *sums)
+
+
+def unscale(grads, grad_scale):
+    """The gradients divided by GradScaler's scale S, in their math dtype (unchanged without one).
+    GradScaler backpropagates S * loss, so .grad holds S * g."""
+    if grad_scale is None:
+        return grads
+    return [up(g) / grad_scale.reshape(()).to(math_dtype(g)) for g in grads]
+
+
+def no_inf_found(found_inf):
+    """False (a 0-d bool tensor) when GradScaler found an inf or NaN in the scaled gradients."""
+    return True if found_inf is None else found_inf.reshape(()) == 0

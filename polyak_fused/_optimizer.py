@@ -250,33 +250,124 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None, *, loss=None):
-        """One optimizer step. Give the loss of the batch whose gradients are in .grad, either as
-        `loss=` (a 0-d tensor, kept on the device, or a float) or through `closure`, which
-        re-evaluates the model and returns the loss. Returns the loss."""
-        if closure is not None and loss is not None:
-            raise ValueError("step() takes a closure or loss=, not both")
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.NEEDS_LOSS and loss is None:
+    # ---- where the step's loss comes from (DESIGN.md decision 10) -------------------------------
+    #: torch.amp.GradScaler.step(opt) hands this optimizer its scale and inf flag as the
+    #: attributes grad_scale and found_inf (device tensors) instead of unscaling .grad itself.
+    _step_supports_amp_scaling = True
+
+    def watch_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Register ``loss``, as the model returned it, as (a part of) the next step's loss.
+
+        Every backward pass that reaches ``loss`` adds w * loss to the step's loss, where w is the
+        gradient that reached ``loss`` in that backward: 1/N when you backpropagate loss / N
+        (gradient accumulation), GradScaler's scale S when you backpropagate scaler.scale(loss),
+        whatever a framework multiplies it by. So the step's loss is always the loss of the
+        function whose gradient is in .grad (the scale S is divided out in step(), as it is from
+        the gradients). A watched loss that no backward reaches adds nothing; a second backward
+        through it (retain_graph=True) adds again, as it adds to .grad again.
+
+        ``step()`` without ``loss=`` uses the sum and clears it; ``zero_grad()`` clears it with
+        .grad. The sum stays on the device (no host sync) and the optimizer keeps no reference to
+        ``loss`` or its graph. Returns ``loss``, so ``loss = opt.watch_loss(model(x).loss)`` works.
+        """
+        if not torch.is_tensor(loss) or loss.numel() != 1 or not loss.is_floating_point():
             raise ValueError(
-                f"{type(self).__name__} computes its step size from the loss: call "
-                f"step(loss=loss) with the loss of the batch whose gradients were just computed "
-                f"(or pass a closure)")
-        params, grads, lrs = self._collect()
-        if not params:
-            return loss
-        self._ensure_scalars()
-        scalars = self._packed_scalars
-        loss_t = None if loss is None else as_loss_tensor(loss, scalars.device, scalars.dtype)
-        _, fused, buffers = self._param_set(params)  # may create state: after every check
-        with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
-            self._run(params, grads, buffers, lrs, loss_t, fused)
+                f"Invalid loss: watch_loss takes a floating 0-d tensor, got "
+                f"{type(loss).__name__ if not torch.is_tensor(loss) else (loss.dtype, tuple(loss.shape))}")
+        if not loss.requires_grad:
+            raise ValueError(
+                "Invalid loss: watch_loss needs the loss before backward(), a tensor that requires "
+                "grad; this one does not (computed under torch.no_grad(), or detached?)")
+        value = loss.detach().reshape(())
+        dtype = self._packed_scalars.dtype
+
+        def add_to_step_loss(w):  # runs inside backward, with w = d(backpropagated)/d(loss)
+            term = w.detach().reshape(()).to(dtype) * value.to(dtype)
+            pending = self.__dict__.get("_watched_loss")
+            self._watched_loss = term if pending is None else pending + term
+
+        loss.register_hook(add_to_step_loss)
         return loss
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, and drops what watched losses added since the last step."""
+        super().zero_grad(set_to_none)
+        self._watched_loss = None
+
+    def _amp_scaling(self):
+        """GradScaler's (grad_scale, found_inf) for this step, or (None, None) without one.
+
+        torch.amp.GradScaler.step sets both attributes (and deletes them after the step). When
+        the user called scaler.unscale_(opt) first, the gradients are already unscaled: torch then
+        sets found_inf but grad_scale to None."""
+        return self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
+
+    def _loss_for_step(self, loss, closure_loss, watched, grad_scale, found_inf):
+        """The loss of the function whose gradient is in .grad (DESIGN.md decision 10):
+        ``loss=`` as given; else the watched sum, divided by GradScaler's scale; else the
+        closure's return value; else None."""
+        if loss is not None:
+            if watched is not None:
+                raise ValueError(
+                    "step() got loss= while a watched loss is pending (watch_loss() was reached "
+                    "by a backward since the last step or zero_grad()); use one or the other: "
+                    "step() alone takes the watched loss")
+            return loss
+        if watched is not None:
+            if grad_scale is None and found_inf is not None:
+                raise RuntimeError(
+                    "GradScaler.unscale_(optimizer) ran before scaler.step(optimizer): the "
+                    "gradients are unscaled, but the watched loss still carries the scaler's scale, "
+                    "which the optimizer is not told. Drop the unscale_ call (the step divides the "
+                    "scale out of the gradients and the loss itself, and clipping the gradient "
+                    "before a Polyak step lengthens it), or do not watch the loss and pass it: "
+                    "scaler.step(optimizer, loss=loss)")
+            return watched if grad_scale is None else watched / grad_scale.reshape(()).to(
+                device=watched.device, dtype=watched.dtype)
+        return closure_loss
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, loss=None):
+        """One optimizer step. The loss of the batch whose gradients are in .grad comes from
+        ``loss=`` (a 0-d tensor, kept on the device, or a float), or from the losses registered
+        with ``watch_loss()`` that a backward reached since the last step, or from ``closure``,
+        which re-evaluates the model and returns the loss (if the closure's backward reaches a
+        watched loss, the watched sum is used: frameworks hand over a closure whose return value
+        is divided differently from the gradient). Under torch.amp.GradScaler, ``scaler.step(opt)``
+        hands over the scale, which the step divides out of the gradients and the watched loss,
+        and the inf flag, which skips the step. Returns the closure's value if one was given,
+        else the loss the step used."""
+        if closure is not None and loss is not None:
+            raise ValueError("step() takes a closure or loss=, not both")
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        grad_scale, found_inf = self._amp_scaling()
+        watched = self.__dict__.get("_watched_loss")
+        step_loss = self._loss_for_step(loss, closure_loss, watched, grad_scale, found_inf)
+        self._watched_loss = None
+        if self.NEEDS_LOSS and step_loss is None:
+            raise ValueError(
+                f"{type(self).__name__} computes its step size from the loss: call "
+                f"opt.watch_loss(loss) before loss.backward() (or step(loss=loss) after it) with the "
+                f"loss of the batch whose gradients are in .grad, or pass a closure")
+        result = closure_loss if closure is not None else step_loss
+        params, grads, lrs = self._collect()
+        if not params:
+            return result
+        self._ensure_scalars()
+        scalars = self._packed_scalars
+        loss_t = None if step_loss is None else as_loss_tensor(step_loss, scalars.device,
+                                                                scalars.dtype)
+        _, fused, buffers = self._param_set(params)  # may create state: after every check
+        amp = dict(grad_scale=grad_scale, found_inf=found_inf)
+        with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
+            self._run(params, grads, buffers, lrs, loss_t, fused, amp)
+        return result
+
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+        """Call the method's functional form; amp = dict(grad_scale=..., found_inf=...)."""
         raise NotImplementedError
 
     def _hparams(self) -> dict:

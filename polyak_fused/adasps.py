@@ -64,24 +64,29 @@ class AdaSPS(PolyakFamilyOptimizer):
     def _initial_scalars(self):
         return {"step_size": math.inf, "gap_sum": 0.0}
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         adasps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
-               cache=self._fused_cache, **self._hparams())
+               cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, fused=False, cache=None):
+def adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, grad_scale=None,
+           found_inf=None, fused=False, cache=None):
     """Functional form of :class:`AdaSPS` (packed scalars: step, skipped, step_size, gap_sum)."""
     hp = dict(c_p=c_p, lower_bound=lower_bound)
     if fused:
-        run_fused("adasps", params, grads, {}, lrs, loss, scalars, hp, cache)
+        run_fused("adasps", params, grads, {}, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_adasps(params, grads, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_adasps(params, grads, scalars, lrs=lrs, loss=loss, **hp,
+                          grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound):
+def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, grad_scale,
+                      found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
-    finite = E.is_finite(loss, grad_sq)
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
     gap = (loss - lower_bound).clamp(min=0)                              # f(x_t) - l*
     gap_sum = s["gap_sum"] + gap                                         # sum_{s<=t} (f - l*)
     ratio = torch.where(gap > 0, gap / (c_p * grad_sq * torch.sqrt(gap_sum)), 0.0)

@@ -74,28 +74,31 @@ class ClippedSGD(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         clipped_sgd(params, grads, buffers.get("momentum_buffer"), self._packed_scalars, lrs=lrs,
-                    loss=loss, fused=fused, cache=self._fused_cache, **self._hparams())
+                    loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max_norm, momentum,
-                fused=False, cache=None):
+                grad_scale=None, found_inf=None, fused=False, cache=None):
     """Functional form of :class:`ClippedSGD` (packed scalars: step, skipped, grad_norm,
     clip_coef). ``momentum_buffers`` is None when momentum is 0."""
     hp = dict(max_norm=max_norm, momentum=momentum)
     if fused:
         bufs = {"momentum_buffer": momentum_buffers} if momentum > 0 else {}
-        run_fused("clipped_sgd", params, grads, bufs, lrs, loss, scalars, hp, cache)
+        run_fused("clipped_sgd", params, grads, bufs, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_clipped_sgd(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_clipped_sgd(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp,
+                               grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss, max_norm,
-                           momentum):
+                           momentum, grad_scale, found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))
-    finite = E.is_finite(grad_sq) if loss is None else E.is_finite(grad_sq, loss)
+    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
     norm = torch.sqrt(grad_sq)                                        # ||g_t||
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)              # kappa_t
     if momentum > 0:

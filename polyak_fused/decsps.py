@@ -66,25 +66,29 @@ class DecSPS(PolyakFamilyOptimizer):
     def _initial_scalars(self):
         return {"step_size": 0.0, "bound": self.defaults["c0"] * self.defaults["gamma_b"]}
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         decsps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
-               cache=self._fused_cache, **self._hparams())
+               cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, fused=False,
-           cache=None):
+def decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, grad_scale=None,
+           found_inf=None, fused=False, cache=None):
     """Functional form of :class:`DecSPS` (packed scalars: step, skipped, step_size, bound)."""
     hp = dict(c0=c0, gamma_b=gamma_b, lower_bound=lower_bound)
     if fused:
-        run_fused("decsps", params, grads, {}, lrs, loss, scalars, hp, cache)
+        run_fused("decsps", params, grads, {}, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_decsps(params, grads, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_decsps(params, grads, scalars, lrs=lrs, loss=loss, **hp,
+                          grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound):
+def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, grad_scale,
+                      found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_k||^2
-    finite = E.is_finite(loss, grad_sq)
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
     c_k = c0 * torch.sqrt(s["step"] + 1)                                   # c_k = c0 sqrt(k+1)
     gap = (loss - lower_bound).clamp(min=0)                                # (f(x_k) - l*)_+
     ratio = torch.where(grad_sq > TINY_GRAD_SQ, gap / grad_sq, math.inf)   # Polyak ratio

@@ -74,23 +74,27 @@ class DoG(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return p.detach().clone(memory_format=torch.preserve_format)  # x_0
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         dog(params, grads, buffers["x0"], self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
-            cache=self._fused_cache, **self._hparams())
+            cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def dog(params, grads, x0s, scalars, *, lrs, loss=None, reps_rel, weight_decay, fused=False,
-        cache=None):
+def dog(params, grads, x0s, scalars, *, lrs, loss=None, reps_rel, weight_decay, grad_scale=None,
+        found_inf=None, fused=False, cache=None):
     """Functional form of :class:`DoG` (packed scalars: step, skipped, step_size, rbar, G)."""
     hp = dict(reps_rel=reps_rel, weight_decay=weight_decay)
     if fused:
-        run_fused("dog", params, grads, {"x0": x0s}, lrs, loss, scalars, hp, cache)
+        run_fused("dog", params, grads, {"x0": x0s}, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_dog(params, grads, x0s, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_dog(params, grads, x0s, scalars, lrs=lrs, loss=loss, **hp,
+                       grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay):
+def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay, grad_scale,
+                   found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     dt = scalars.dtype
     d = [E.up(g) + weight_decay * E.up(x) for g, x in zip(grads, params)]  # d_t = g_t + lambda x_t
     loss, grad_sq, dist_sq, x0_sq = E.across_ranks(
@@ -98,7 +102,7 @@ def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_d
         E.sum_of_squares(d, dt),                                            # ||d_t||^2
         E.sum_of_squares([E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)], dt),  # ||x_t - x_0||^2
         E.sum_of_squares(x0s, dt))                                          # ||x_0||^2
-    finite = E.is_finite(grad_sq) if loss is None else E.is_finite(grad_sq, loss)
+    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
     dist = torch.sqrt(dist_sq)
     r_eps = reps_rel * (1 + torch.sqrt(x0_sq))                              # reps_rel (1+||x_0||)
     rbar = torch.maximum(torch.maximum(s["rbar"], dist), r_eps)

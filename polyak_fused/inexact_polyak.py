@@ -102,9 +102,9 @@ class InexactPolyak(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return p.detach().clone(memory_format=torch.preserve_format)  # x_best <- x_0
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         inexact_polyak(params, grads, buffers.get("best"), self._packed_scalars, lrs=lrs,
-                       loss=loss, fused=fused, cache=self._fused_cache, **self._hparams())
+                       loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
 
     @property
     def best_loss(self) -> torch.Tensor:
@@ -136,23 +136,27 @@ class InexactPolyak(PolyakFamilyOptimizer):
 def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
                    best_params: list[torch.Tensor] | None, scalars: torch.Tensor, *, lrs: list,
                    loss: torch.Tensor, total_steps: int, lower_bound: float, track_best: bool,
-                   fused: bool = False, cache: dict | None = None) -> None:
+                   grad_scale=None, found_inf=None, fused: bool = False,
+                   cache: dict | None = None) -> None:
     """Functional form of :class:`InexactPolyak`: one step over flat lists, in place.
 
     ``scalars`` is the packed global state (step, skipped, step_size, best_loss)."""
     hp = dict(total_steps=total_steps, lower_bound=lower_bound, track_best=track_best)
     if fused:
         bufs = {"best": best_params} if track_best else {}
-        run_fused("inexact_polyak", params, grads, bufs, lrs, loss, scalars, hp, cache)
+        run_fused("inexact_polyak", params, grads, bufs, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_inexact_polyak(params, grads, best_params, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_inexact_polyak(params, grads, best_params, scalars, lrs=lrs, loss=loss, **hp,
+                                  grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
-                              lower_bound, track_best):
+                              lower_bound, track_best, grad_scale, found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
-    finite = E.is_finite(loss, grad_sq)
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
     gap = (loss - lower_bound).clamp(min=0)                           # (f(x_t) - l*)_+
     eta = torch.where(grad_sq > TINY_GRAD_SQ,
                       gap / (math.sqrt(total_steps) * grad_sq), 0.0)  # eq. 14

@@ -69,24 +69,28 @@ class NSGDM(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         nsgdm(params, grads, buffers["momentum_buffer"], self._packed_scalars, lrs=lrs, loss=loss,
-              fused=fused, cache=self._fused_cache, **self._hparams())
+              fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss=None, beta, schedule,
-          fused=False, cache=None):
+          grad_scale=None, found_inf=None, fused=False, cache=None):
     """Functional form of :class:`NSGDM` (packed scalars: step, skipped, step_size)."""
     hp = dict(beta=beta, schedule=schedule)
     if fused:
         run_fused("nsgdm", params, grads, {"momentum_buffer": momentum_buffers}, lrs, loss,
-                  scalars, hp, cache)
+                  scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_nsgdm(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_nsgdm(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp,
+                         grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta, schedule):
+def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta, schedule,
+                     grad_scale, found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     t = s["step"] + 1
     if schedule == "agnostic":
         beta_t, s_t = 1 - t.rsqrt(), t.pow(-0.75)              # beta_t = 1 - t^-1/2, s_t = t^-3/4
@@ -95,7 +99,7 @@ def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, bet
     m_new = [beta_t.to(E.math_dtype(m)) * E.up(m) + (1 - beta_t).to(E.math_dtype(m)) * E.up(g)
              for m, g in zip(momentum_buffers, grads)]       # m_t = beta_t m + (1 - beta_t) g
     loss, m_sq = E.across_ranks(loss, E.sum_of_squares(m_new, scalars.dtype))  # ||m_t||^2
-    finite = E.is_finite(m_sq) if loss is None else E.is_finite(m_sq, loss)
+    finite = E.is_finite(m_sq, loss) & E.no_inf_found(found_inf)
     eta = torch.where(m_sq > TINY_GRAD_SQ, s_t / torch.sqrt(m_sq), 0.0)
     for m, mn in zip(momentum_buffers, m_new):
         E.write_if(finite, m, mn)

@@ -67,24 +67,29 @@ class Polyak(PolyakFamilyOptimizer):
     def _initial_scalars(self):
         return {"step_size": 0.0}
 
-    def _run(self, params, grads, buffers, lrs, loss, fused):
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         polyak(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
-               cache=self._fused_cache, **self._hparams())
+               cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, fused=False, cache=None):
+def polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, grad_scale=None,
+           found_inf=None, fused=False, cache=None):
     """Functional form of :class:`Polyak` (packed scalars: step, skipped, step_size)."""
     hp = dict(f_star=f_star, c=c, max_lr=max_lr)
     if fused:
-        run_fused("polyak", params, grads, {}, lrs, loss, scalars, hp, cache)
+        run_fused("polyak", params, grads, {}, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_polyak(params, grads, scalars, lrs=lrs, loss=loss, **hp)
+        _reference_polyak(params, grads, scalars, lrs=lrs, loss=loss, **hp,
+                          grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _reference_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr):
+def _reference_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, grad_scale,
+                      found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
-    finite = E.is_finite(loss, grad_sq)
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
     gap = (loss - f_star).clamp(min=0)                                  # (f(x_t) - f*)_+
     eta = torch.where(grad_sq > TINY_GRAD_SQ,
                       (gap / (c * grad_sq)).clamp(max=max_lr), 0.0)     # SPS_max

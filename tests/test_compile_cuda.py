@@ -49,19 +49,20 @@ def _jobs():
                 key = f"{vid}/{dtype}/{'aligned' if aligned else 'unaligned'}"
                 yield (f"reduce/{key}", "_reduce_kernel",
                        {**common, "partials": "*fp32", "scalars": "*fp32", "hparams": "*fp32",
-                        "chunk_size": "i32", "n_slots": "i32", "slot0": "i32"},
+                        "grad_scale": "*fp32", "chunk_size": "i32", "n_slots": "i32",
+                        "slot0": "i32"},
                        {"METHOD": method, "AGNOSTIC": flags["AGNOSTIC"], "ALIGNED": aligned,
                         "BLOCK": CFG["block"]}, CFG["num_warps"])
                 yield (f"update/{key}", "_update_kernel",
                        {**common, "coefs": "*fp32", "lrs": "*fp32", "hparams": "*fp32",
-                        "chunk_size": "i32"},
+                        "grad_scale": "*fp32", "chunk_size": "i32"},
                        {"METHOD": method, "TRACK_BEST": flags["TRACK_BEST"],
                         "MOMENTUM": flags["MOMENTUM"], "ALIGNED": aligned, "BLOCK": CFG["block"]},
                        CFG["num_warps"])
         for has_loss in (True, False):
             yield (f"step_size/{vid}/{has_loss}", "_step_size_kernel",
-                   {"partials": "*fp32", "n_slots": "i32", "loss_ptr": "*fp32", "scalars": "*fp32",
-                    "hparams": "*fp32", "coefs": "*fp32"},
+                   {"partials": "*fp32", "n_slots": "i32", "loss_ptr": "*fp32", "found_inf": "*fp32",
+                    "scalars": "*fp32", "hparams": "*fp32", "coefs": "*fp32"},
                    {"METHOD": method, "HAS_LOSS": has_loss, "TRACK_BEST": flags["TRACK_BEST"],
                     "AGNOSTIC": flags["AGNOSTIC"], "BLOCK": 1024}, 4)
 

@@ -128,7 +128,33 @@ def train_counted(model, opt, x, y, steps=STEPS):
     return count
 
 
+def train_watched(model, opt, x, y, steps=STEPS, micro=2):
+    """train() through watch_loss and a bare step(): each step accumulates `micro` micro-batches
+    (loss / micro backpropagated), counting the all-reduces of the steps alone."""
+    count = 0
+    for _ in range(steps):
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            loss = opt.watch_loss(torch.nn.functional.mse_loss(model(xs), ys))
+            (loss / micro).backward()
+        with _CountCollectives() as c:
+            opt.step()
+        count += c.count
+    return count
+
+
 # ---- the spawned job ----------------------------------------------------------------------------
+def _ddp_watched(rank, name):
+    """Each rank watches its own loss; DDP averages the gradients, the step averages the losses."""
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = OPTIMIZERS[name](ddp.parameters())
+    x, y = make_data()
+    n = train_watched(ddp, opt, half(x, rank), half(y, rank))
+    return {"params": [p.detach().clone() for p in model.parameters()], "all_reduces": n,
+            "step": opt.scalars["step"].clone()}
+
+
 def _ddp(rank, name, average_loss=True):
     model = make_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -233,6 +259,7 @@ def _packing(rank):
 
 def _scenarios():
     out = {f"ddp/{n}": (lambda r, n=n: _ddp(r, n)) for n in OPTIMIZERS}
+    out.update({f"ddp_watched/{n}": (lambda r, n=n: _ddp_watched(r, n)) for n in OPTIMIZERS})
     out["ddp_per_rank_loss/InexactPolyak"] = lambda r: _ddp(r, "InexactPolyak", average_loss=False)
     out.update({f"fsdp/{n}": (lambda r, n=n: _sharded(r, n, (WORLD,))) for n in OPTIMIZERS})
     out["hsdp/DoG"] = lambda r: _sharded(r, "DoG", (WORLD, 1))
@@ -313,6 +340,20 @@ def test_ddp_half_batches_match_one_process_on_the_whole_batch(job, name):
         assert res["after_step"] is None, "the reduction stays active after step()"
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b), "the replicas differ"
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_ranks_watching_their_own_loss_stay_bitwise_equal(job, name):
+    """watch_loss + bare step() under DDP, 2 micro-batches per rank: the replicas stay bitwise
+    equal, and equal one process taking the whole batch with step(loss=)."""
+    ranks = result(job, f"ddp_watched/{name}")
+    expected, _ = single_process_run(name)
+    for r, res in enumerate(ranks):
+        assert_params_close(res["params"], expected, f"DDP rank {r}, watched loss")
+        assert res["all_reduces"] == STEPS, "one all-reduce per step (the loss average)"
+        assert res["step"].item() == STEPS
+    for i, (a, b) in enumerate(zip(ranks[0]["params"], ranks[1]["params"])):
+        assert torch.equal(a, b), f"the replicas differ in param {i}"
 
 
 def test_ddp_without_loss_averaging_the_replicas_drift_apart(job):

@@ -159,10 +159,11 @@ def test_unscale_then_step_with_the_loss_given_equals_the_unscaled_run(fused):
     assert_bitwise_equal_runs(model, opt, ref_model, ref_opt, "unscale_ + loss=")
 
 
-def test_grad_scaler_step_makes_no_host_sync():
-    """Inside optimizer.step() (the reference path here; see test_watch_loss for why)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_grad_scaler_step_makes_no_host_sync(fused):
+    """Inside optimizer.step(), which scaler.step() calls."""
     model = make_model(torch.float32)
-    opt = FACTORIES["InexactPolyak"](model.parameters())
+    opt = FACTORIES["InexactPolyak"](model.parameters(), fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     guard = NoHostSync(opt)
     try:

@@ -298,19 +298,21 @@ class NoHostSync:
         self.steps += 1
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name", list(FACTORIES))
-def test_watched_step_makes_no_host_sync(name):
-    """The eager reference (the path CUDA users get with fused=False) with a watched loss and
-    accumulation; the fused path runs under the Triton interpreter here, which converts
-    tensors to numpy itself, so its no-sync check is the GPU test in test_fused_engine."""
-    model = make_model(torch.float64)
-    opt = FACTORIES[name](model.parameters())
+def test_watched_step_makes_no_host_sync(name, path):
+    """A watched loss with accumulation; the fused path here runs under the Triton interpreter,
+    which works on the CPU tensors' memory without calling any of the guarded methods."""
+    fused, dtype, _ = PATHS[path]
+    model = make_model(dtype)
+    opt = FACTORIES[name](model.parameters(), fused=fused)
     guard = NoHostSync(opt)
     try:
-        for x, y in make_batches(torch.float64):
+        for x, y in make_batches(dtype):
             opt.zero_grad()
             accumulate(model, opt, x, y, "mean")
             opt.step()
     finally:
         guard.allow()
     assert guard.steps == K + 1  # (allow() ran once more in the finally)
+    assert opt.scalars["step"].item() == K

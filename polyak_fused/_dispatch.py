@@ -16,5 +16,6 @@ def run_fused(method: str, params, grads, buffers: dict, lrs, loss, scalars, hpa
             "the fused path needs Triton (pip install triton); use fused=False") from err
     from csrc_triton.polyak_step import polyak_step_
     reduce = _eager.across_ranks if current_reduction() is not None else None
+    lrs = _eager.per_tensor(lrs, len(params))
     polyak_step_(method, params, grads, buffers, lrs, loss, scalars, hparams, cache, reduce,
                  grad_scale=grad_scale, found_inf=found_inf)

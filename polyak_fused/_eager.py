@@ -40,9 +40,14 @@ def write_if(finite: torch.Tensor, target: torch.Tensor, value: torch.Tensor) ->
     target.copy_(torch.where(finite, value.to(target.dtype), target))
 
 
+def per_tensor(lrs, n: int) -> list:
+    """The lr multiplier of each of n tensors: `lrs` is a list of them, or one for all."""
+    return list(lrs) if isinstance(lrs, (list, tuple)) else [lrs] * n
+
+
 def descend(params, directions, lrs, eta: torch.Tensor, finite: torch.Tensor) -> None:
     """x <- x - lr_group * eta * d for every tensor, unless the step is skipped."""
-    for x, d, lr in zip(params, directions, lrs):
+    for x, d, lr in zip(params, directions, per_tensor(lrs, len(params))):
         write_if(finite, x, up(x) - (lr * eta).to(math_dtype(x)) * up(d))
 
 

@@ -138,6 +138,20 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         self._ensure_scalars()
         return self.state["scalars"]
 
+    @classmethod
+    def functional_state(cls, params, **kwargs) -> dict:
+        """The state the functional form of this method takes, initialised exactly as the class
+        initialises it: ``{"scalars": the packed global state, <buffer>: [one tensor per
+        parameter], ...}`` (the buffer lists: ``best`` for InexactPolyak with track_best,
+        ``x0`` for DoG, ``momentum_buffer`` for NSGDM and ClippedSGD with momentum). Takes the
+        class's own arguments; keep the state and pass it to every call."""
+        opt = cls(params, fused=False, **kwargs)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        state = {"scalars": opt._packed_scalars}
+        for name in opt.BUFFERS:
+            state[name] = [opt._init_buffer(name, p) for p in params]
+        return state
+
     def _initial_scalars(self) -> dict[str, float]:
         """Initial value of every name in SCALARS (besides step and skipped, which start at 0)."""
         return {}

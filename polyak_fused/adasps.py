@@ -69,9 +69,14 @@ class AdaSPS(PolyakFamilyOptimizer):
                cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, grad_scale=None,
+def adasps(params, grads, scalars, *, loss, c_p=1.0, lower_bound=0.0, lrs=1.0, grad_scale=None,
            found_inf=None, fused=False, cache=None):
-    """Functional form of :class:`AdaSPS` (packed scalars: step, skipped, step_size, gap_sum)."""
+    """Functional form of :class:`AdaSPS` (packed scalars: step, skipped, step_size, gap_sum).
+
+    Build the state once with ``AdaSPS.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+    """
     hp = dict(c_p=c_p, lower_bound=lower_bound)
     if fused:
         run_fused("adasps", params, grads, {}, lrs, loss, scalars, hp, cache,

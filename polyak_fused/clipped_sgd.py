@@ -79,10 +79,16 @@ class ClippedSGD(PolyakFamilyOptimizer):
                     loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max_norm, momentum,
-                grad_scale=None, found_inf=None, fused=False, cache=None):
+def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max_norm=math.inf,
+                momentum=0.0, grad_scale=None, found_inf=None, fused=False, cache=None):
     """Functional form of :class:`ClippedSGD` (packed scalars: step, skipped, grad_norm,
-    clip_coef). ``momentum_buffers`` is None when momentum is 0."""
+    clip_coef). ``momentum_buffers`` is None when momentum is 0 (``state["momentum_buffer"]``
+    otherwise); ``lrs`` (the learning rate) is required.
+
+    Build the state once with ``ClippedSGD.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+    """
     hp = dict(max_norm=max_norm, momentum=momentum)
     if fused:
         bufs = {"momentum_buffer": momentum_buffers} if momentum > 0 else {}

@@ -71,9 +71,14 @@ class DecSPS(PolyakFamilyOptimizer):
                cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, grad_scale=None,
-           found_inf=None, fused=False, cache=None):
-    """Functional form of :class:`DecSPS` (packed scalars: step, skipped, step_size, bound)."""
+def decsps(params, grads, scalars, *, loss, c0=1.0, gamma_b=10.0, lower_bound=0.0, lrs=1.0,
+           grad_scale=None, found_inf=None, fused=False, cache=None):
+    """Functional form of :class:`DecSPS` (packed scalars: step, skipped, step_size, bound).
+
+    Build the state once with ``DecSPS.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+    """
     hp = dict(c0=c0, gamma_b=gamma_b, lower_bound=lower_bound)
     if fused:
         run_fused("decsps", params, grads, {}, lrs, loss, scalars, hp, cache,

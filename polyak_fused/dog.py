@@ -79,9 +79,15 @@ class DoG(PolyakFamilyOptimizer):
             cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def dog(params, grads, x0s, scalars, *, lrs, loss=None, reps_rel, weight_decay, grad_scale=None,
-        found_inf=None, fused=False, cache=None):
-    """Functional form of :class:`DoG` (packed scalars: step, skipped, step_size, rbar, G)."""
+def dog(params, grads, x0s, scalars, *, loss=None, reps_rel=1e-6, weight_decay=0.0, lrs=1.0,
+        grad_scale=None, found_inf=None, fused=False, cache=None):
+    """Functional form of :class:`DoG` (packed scalars: step, skipped, step_size, rbar, G;
+    ``x0s``: the initial parameters, ``state["x0"]``).
+
+    Build the state once with ``DoG.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+    """
     hp = dict(reps_rel=reps_rel, weight_decay=weight_decay)
     if fused:
         run_fused("dog", params, grads, {"x0": x0s}, lrs, loss, scalars, hp, cache,

@@ -134,13 +134,29 @@ class InexactPolyak(PolyakFamilyOptimizer):
 
 
 def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
-                   best_params: list[torch.Tensor] | None, scalars: torch.Tensor, *, lrs: list,
-                   loss: torch.Tensor, total_steps: int, lower_bound: float, track_best: bool,
-                   grad_scale=None, found_inf=None, fused: bool = False,
+                   best_params: list[torch.Tensor] | None, scalars: torch.Tensor, *,
+                   loss: torch.Tensor, total_steps: int, lower_bound: float = 0.0, lrs=1.0,
+                   track_best: bool = False, grad_scale=None, found_inf=None, fused: bool = False,
                    cache: dict | None = None) -> None:
     """Functional form of :class:`InexactPolyak`: one step over flat lists, in place.
 
-    ``scalars`` is the packed global state (step, skipped, step_size, best_loss)."""
+    ``scalars`` is the packed global state (step, skipped, step_size, best_loss);
+    ``best_params`` the best iterate (``track_best=True``) or None.
+    Build the state once with ``InexactPolyak.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+
+    Example:
+        >>> params = list(torch.nn.Linear(4, 1).parameters())
+        >>> state = InexactPolyak.functional_state(params, total_steps=10)
+        >>> loss = sum(p.square().sum() for p in params) + 1.0
+        >>> loss.backward()
+        >>> with torch.no_grad():
+        ...     inexact_polyak(params, [p.grad for p in params], None, state["scalars"],
+        ...                    loss=loss.detach(), total_steps=10)
+        >>> int(state["scalars"][0])   # the step count
+        1
+    """
     hp = dict(total_steps=total_steps, lower_bound=lower_bound, track_best=track_best)
     if fused:
         bufs = {"best": best_params} if track_best else {}

@@ -74,9 +74,15 @@ class NSGDM(PolyakFamilyOptimizer):
               fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss=None, beta, schedule,
-          grad_scale=None, found_inf=None, fused=False, cache=None):
-    """Functional form of :class:`NSGDM` (packed scalars: step, skipped, step_size)."""
+def nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss=None, beta=0.9,
+          schedule="constant", grad_scale=None, found_inf=None, fused=False, cache=None):
+    """Functional form of :class:`NSGDM` (packed scalars: step, skipped, step_size;
+    ``momentum_buffers``: ``state["momentum_buffer"]``); ``lrs`` (the step length) is required.
+
+    Build the state once with ``NSGDM.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+    """
     hp = dict(beta=beta, schedule=schedule)
     if fused:
         run_fused("nsgdm", params, grads, {"momentum_buffer": momentum_buffers}, lrs, loss,

@@ -72,9 +72,14 @@ class Polyak(PolyakFamilyOptimizer):
                cache=self._fused_cache, **self._hparams(), **amp)
 
 
-def polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, grad_scale=None,
-           found_inf=None, fused=False, cache=None):
-    """Functional form of :class:`Polyak` (packed scalars: step, skipped, step_size)."""
+def polyak(params, grads, scalars, *, loss, f_star=0.0, c=1.0, max_lr=math.inf, lrs=1.0,
+           grad_scale=None, found_inf=None, fused=False, cache=None):
+    """Functional form of :class:`Polyak` (packed scalars: step, skipped, step_size).
+
+    Build the state once with ``Polyak.functional_state(params, ...)`` (the same keyword arguments
+    as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+    """
     hp = dict(f_star=f_star, c=c, max_lr=max_lr)
     if fused:
         run_fused("polyak", params, grads, {}, lrs, loss, scalars, hp, cache,

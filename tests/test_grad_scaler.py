@@ -177,3 +177,26 @@ def test_grad_scaler_step_makes_no_host_sync(fused):
         guard.allow()
     assert guard.steps == STEPS + 1
     assert opt.scalars["step"].item() == STEPS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_watched_loss_and_grad_scaler_step_makes_no_host_sync():
+    """On a GPU (fused=None takes the kernels): accumulation through watch_loss, fp16 autocast
+    and GradScaler; every step() runs under torch.cuda.set_sync_debug_mode("error")."""
+    model = make_model(torch.float32).cuda()
+    opt = FACTORIES["InexactPolyak"](model.parameters())
+    opt.register_step_pre_hook(lambda *a: torch.cuda.set_sync_debug_mode("error"))
+    opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode(0))
+    scaler = torch.amp.GradScaler("cuda")
+    try:
+        for x, y in make_batches(torch.float32, STEPS):
+            opt.zero_grad()
+            for xs, ys in micro_batches(x.cuda(), y.cuda()):
+                with torch.autocast("cuda", dtype=torch.float16):
+                    loss = opt.watch_loss(mse(model, xs, ys).float())
+                scaler.scale(loss / 4).backward()
+            scaler.step(opt)
+            scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.scalars["step"].item() + opt.scalars["skipped"].item() == STEPS

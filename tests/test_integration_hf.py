@@ -277,6 +277,11 @@ def test_misuse_is_reported(tmp_path):
     with pytest.raises(TypeError, match=r"attach\(\) takes a transformers\.Trainer"):
         hf.attach(model)
 
+    trainer = make_trainer(tmp_path, model, opt, dataset, batch=16, epochs=1)
+    trainer.add_callback(hf.PolyakCallback())   # a callback alone never sees the loss
+    with pytest.raises(TypeError, match=r"without attach\(\).*hf\.attach\(trainer\)"):
+        trainer.train()
+
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")   # Trainer's default
 def test_readme_hf_trainer(tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ def attach(trainer: Trainer, *, allow_clipping: bool = False,
     callback = PolyakCallback(allow_clipping=allow_clipping, allow_lr_schedule=allow_lr_schedule,
                               scheduler_given=trainer.lr_scheduler is not None)
     trainer.compute_loss = _watching(trainer.compute_loss, callback)
+    callback.watching = True
     trainer.add_callback(callback)
     return callback
 
@@ -91,9 +92,13 @@ class PolyakCallback(TrainerCallback):
         self.allow_clipping = allow_clipping
         self.allow_lr_schedule = allow_lr_schedule
         self.scheduler_given = scheduler_given
+        self.watching = False  # set by attach(), once trainer.compute_loss watches the loss
         self.optimizer = None  # the package's optimizer, during training
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if not self.watching:
+            raise TypeError("PolyakCallback was added without attach(): it never sees the loss. "
+                            "Call polyak_fused.integrations.hf.attach(trainer) instead")
         opt = require_optimizer(
             optimizer, "polyak_fused.integrations.hf.attach()",
             "pass Trainer(optimizers=(opt, None)) or optimizer_cls_and_kwargs=(pf.InexactPolyak, {})")

@@ -42,8 +42,8 @@ class InexactPolyak(PolyakFamilyOptimizer):
             the norm, the loss, ``total_steps`` and ``lower_bound``.
         total_steps (int or None): T, the number of ``step()`` calls the run will make: the
             horizon, not the current step, and changing it changes every step size. Under
-            gradient accumulation that is the number of optimizer steps, not of batches. None
-            (the default) leaves it to be set before the first step, by
+            gradient accumulation that is the number of optimizer steps, not of batches.
+            Required; ``total_steps=None`` leaves it to be set before the first step, by
             :meth:`set_total_steps` or by a training-framework integration
             (``polyak_fused.integrations``), which takes it from the trainer's plan; a step
             taken while it is None raises a ``ValueError``.
@@ -89,7 +89,7 @@ class InexactPolyak(PolyakFamilyOptimizer):
     SCALARS = SCALARS
     GLOBAL_HPARAMS = ("total_steps", "lower_bound", "track_best")
 
-    def __init__(self, params, total_steps: int | None = None, lower_bound: float = 0.0, lr=1.0,
+    def __init__(self, params, total_steps: int | None, lower_bound: float = 0.0, lr=1.0,
                  track_best: bool = False, *, fused: bool | None = None,
                  process_group=None, average_loss: bool = True):
         if total_steps is not None:

@@ -1,7 +1,7 @@
 """Hugging Face Trainer with the package's optimizers through polyak_fused.integrations.hf, on the
 real package (no mocks), CPU: accumulation against the big batch on both of Trainer's loss paths,
 a compute_loss override, a 2-layer GPT-2 built from its config, the refused defaults and their
-opt-ins, and the README snippet."""
+opt-ins. (tests/test_readme.py runs the README's example.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from transformers.trainer_callback import PrinterCallback
 import polyak_fused as pf
 from helpers import assert_close
 from polyak_fused.integrations import hf
-from readme_snippets import run_snippet
 
 SAMPLES, DIM, CLASSES, TOKENS = 64, 5, 7, 6
 
@@ -115,7 +114,7 @@ def test_accumulation_equals_the_big_batch(tmp_path, model_cls, data, normalised
 
     def run(batch, accumulation):
         model = model_cls()
-        opt = pf.InexactPolyak(model.parameters())
+        opt = pf.InexactPolyak(model.parameters(), total_steps=None)
         trainer = make_trainer(tmp_path, model, opt, dataset, batch=batch,
                                accumulation=accumulation)
         hf.attach(trainer)
@@ -147,7 +146,7 @@ def test_compute_loss_override_is_the_watched_loss(tmp_path):
     the run equals a plain loop given that loss (float64, 1e-12 as above)."""
     dataset = sample_data()
     model = SampleMeanModel()
-    opt = pf.InexactPolyak(model.parameters())
+    opt = pf.InexactPolyak(model.parameters(), total_steps=None)
     trainer = make_trainer(tmp_path, model, opt, dataset, batch=8, accumulation=2, epochs=1,
                            trainer_cls=PenalisedTrainer)
     hf.attach(trainer)
@@ -196,7 +195,7 @@ def test_gpt2_trains_and_the_trainer_defaults_are_refused(tmp_path, device):
     held-out loss, and the evaluations during training are not watched."""
     train, held_out = arithmetic_sequences(320, seed=0), arithmetic_sequences(64, seed=1)
     model = tiny_gpt2(device)
-    opt = pf.InexactPolyak(model.parameters())
+    opt = pf.InexactPolyak(model.parameters(), total_steps=None)
     initial = [p.detach().clone() for p in model.parameters()]
     on_cpu = device.type == "cpu"
 
@@ -231,7 +230,7 @@ def test_gpt2_trains_and_the_trainer_defaults_are_refused(tmp_path, device):
 
 def test_opting_in_keeps_clipping_and_the_schedule(tmp_path):
     model = SampleMeanModel()
-    opt = pf.InexactPolyak(model.parameters())
+    opt = pf.InexactPolyak(model.parameters(), total_steps=None)
     trainer = make_trainer(tmp_path, model, opt, sample_data(), batch=16, epochs=1,
                            max_grad_norm=1.0, lr_scheduler_type="linear")
     hf.attach(trainer, allow_clipping=True, allow_lr_schedule=True)
@@ -247,7 +246,7 @@ def test_trainer_builds_the_optimizer_and_weight_decay_is_reported(tmp_path):
     model = SampleMeanModel()
     trainer = make_trainer(tmp_path, model, None, sample_data(), batch=16, epochs=1,
                            weight_decay=0.01)
-    trainer.optimizer_cls_and_kwargs = (pf.InexactPolyak, {})
+    trainer.optimizer_cls_and_kwargs = (pf.InexactPolyak, {"total_steps": None})
     hf.attach(trainer)
     with pytest.warns(UserWarning, match=r"InexactPolyak has no weight decay.*\[0\.01\]"):
         trainer.train()
@@ -282,11 +281,3 @@ def test_misuse_is_reported(tmp_path):
     with pytest.raises(TypeError, match=r"without attach\(\).*hf\.attach\(trainer\)"):
         trainer.train()
 
-
-@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")   # Trainer's default
-def test_readme_hf_trainer(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    ns = run_snippet("hf-trainer", tmp_path, monkeypatch)
-    opt = ns["opt"]
-    assert opt.param_groups[0]["total_steps"] == 8
-    assert int(opt.scalars["step"]) == 8 and int(opt.scalars["skipped"]) == 0

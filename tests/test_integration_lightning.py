@@ -1,7 +1,7 @@
 """Lightning with the package's optimizers through polyak_fused.integrations.lightning, on the
 real package (no mocks), CPU: accumulation against the big batch, 16-mixed (with the GradScaler
 that CUDA would use) and bf16-mixed against plain PyTorch loops, the refused clipping,
-total_steps from the trainer's plan, and the README snippet."""
+total_steps from the trainer's plan. (tests/test_readme.py runs the README's example.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 
 import polyak_fused as pf
 from helpers import assert_close
-from readme_snippets import run_snippet
 
 import lightning.pytorch as L
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -51,7 +50,8 @@ def make_net(dtype=torch.float32):
 
 
 class Regression(L.LightningModule):
-    def __init__(self, make_optimizer=lambda params: pf.InexactPolyak(params), dtype=torch.float32):
+    def __init__(self, make_optimizer=lambda params: pf.InexactPolyak(params, total_steps=None),
+                 dtype=torch.float32):
         super().__init__()
         self.net = make_net(dtype)
         self.make_optimizer = make_optimizer
@@ -210,10 +210,3 @@ def test_manual_optimization_equals_automatic():
     assert int(opt.scalars["step"]) == 8
     assert_same_params(manual, automatic, rtol=0, atol=0, what="manual vs automatic")
 
-
-def test_readme_lightning(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    ns = run_snippet("lightning", tmp_path, monkeypatch)
-    opt = ns["trainer"].optimizers[0]
-    assert opt.param_groups[0]["total_steps"] == 8
-    assert int(opt.scalars["step"]) == 8 and int(opt.scalars["skipped"]) == 0

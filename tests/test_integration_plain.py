@@ -1,5 +1,5 @@
-"""Outside a framework: total_steps left to be set later, OneCycleLR, the README's plain-loop and
-accelerate snippets, and what importing the package pulls in (no framework, no Triton)."""
+"""Outside a framework: total_steps left to be set later, OneCycleLR, and what importing the
+package pulls in (no framework, no Triton). (tests/test_readme.py runs the README's examples.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 
 import polyak_fused as pf
 from eager_helpers import OPTIMIZERS, assert_same_snapshot, snapshot
-from readme_snippets import run_snippet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +40,7 @@ def take_steps(opt, loss_fn, steps):
 @pytest.mark.parametrize("how", ["bare", "loss", "closure"])
 def test_total_steps_none_refuses_the_first_step_and_changes_nothing(how):
     params, loss_fn = quadratic_problem()
-    opt = pf.InexactPolyak(params, track_best=True)   # track_best: a buffer that must not appear
+    opt = pf.InexactPolyak(params, total_steps=None, track_best=True)   # a buffer not to create
     assert opt.param_groups[0]["total_steps"] is None
     before = snapshot(opt)
     calls = []
@@ -70,7 +69,7 @@ def test_total_steps_set_later_is_the_constructor_argument_and_is_checkpointed()
     params_a, loss_a = quadratic_problem()
     given = pf.InexactPolyak(params_a, total_steps=40)
     params_b, loss_b = quadratic_problem()
-    later = pf.InexactPolyak(params_b)
+    later = pf.InexactPolyak(params_b, total_steps=None)
     later.set_total_steps(40)
     take_steps(given, loss_a, 3)
     take_steps(later, loss_b, 3)
@@ -82,7 +81,7 @@ def test_total_steps_set_later_is_the_constructor_argument_and_is_checkpointed()
 
     # the filled T travels in the checkpoint into an optimizer built with total_steps=None
     params_c, loss_c = quadratic_problem()
-    resumed = pf.InexactPolyak(params_c)
+    resumed = pf.InexactPolyak(params_c, total_steps=None)
     given_sd = given.state_dict()
     assert given_sd["param_groups"][0]["total_steps"] == 40
     with torch.no_grad():
@@ -98,7 +97,7 @@ def test_total_steps_set_later_is_the_constructor_argument_and_is_checkpointed()
 @pytest.mark.parametrize("bad", [0, -5, 2.5, 10.0, True, None, "10"])
 def test_set_total_steps_rejects_bad_values(bad):
     params, _ = quadratic_problem()
-    opt = pf.InexactPolyak(params)
+    opt = pf.InexactPolyak(params, total_steps=None)
     with pytest.raises(ValueError, match=rf"Invalid total_steps: {bad!r}"):
         opt.set_total_steps(bad)
     assert opt.param_groups[0]["total_steps"] is None
@@ -134,30 +133,6 @@ def test_one_cycle_lr_runs_with_cycle_momentum_false(name, make):
             expected.step()
     assert lrs == expected_lrs
     assert int(opt.scalars["step"]) == 6 and int(opt.scalars["skipped"]) == 0
-
-
-# ---- README snippets ----------------------------------------------------------------------------
-def test_readme_plain_loop(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    ns = run_snippet("plain-loop", tmp_path, monkeypatch)
-    opt, model, x, y = ns["opt"], ns["model"], ns["x"], ns["y"]
-    assert int(opt.scalars["step"]) + int(opt.scalars["skipped"]) == 100
-    assert int(opt.scalars["step"]) >= 90   # GradScaler's first steps may overflow and be skipped
-    torch.manual_seed(0)
-    initial_model = torch.nn.Linear(16, 1).to(x.device)   # the snippet's first draw
-    with torch.no_grad():
-        initial = torch.nn.functional.mse_loss(initial_model(x), y).item()
-        final = torch.nn.functional.mse_loss(model(x), y).item()
-    assert final < initial
-
-
-def test_readme_accelerate(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    ns = run_snippet("accelerate", tmp_path, monkeypatch)
-    opt = ns["opt"]
-    assert opt.param_groups[0]["total_steps"] == 4
-    assert int(opt.scalars["step"]) == 4 and int(opt.scalars["skipped"]) == 0
-    assert torch.isfinite(opt.scalars["step_size"]) and float(opt.scalars["step_size"]) > 0
 
 
 # ---- what importing the package pulls in -------------------------------------------------------

@@ -1,13 +1,13 @@
 """Hugging Face ``Trainer`` integration.
 
-    opt = pf.InexactPolyak(model.parameters())          # total_steps: from the trainer's plan
+    opt = pf.InexactPolyak(model.parameters(), total_steps=None)   # filled from the plan
     args = TrainingArguments(..., max_grad_norm=0, lr_scheduler_type="constant")
     trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
     attach(trainer)
     trainer.train()
 
-(``optimizer_cls_and_kwargs=(pf.InexactPolyak, {})`` works too: the trainer then builds the
-optimizer, and ``attach`` finds it when training begins.)
+(``optimizer_cls_and_kwargs=(pf.InexactPolyak, {"total_steps": None})`` works too: the trainer
+then builds the optimizer, and ``attach`` finds it when training begins.)
 
 **Which loss is watched.** Trainer calls a bare ``optimizer.step()``, and its callbacks never see
 the loss tensor, so ``attach`` wraps ``trainer.compute_loss`` on this one trainer instance: every
@@ -74,7 +74,8 @@ def _watching(compute_loss, callback: PolyakCallback):
         result = compute_loss(model, inputs, *args, **kwargs)
         loss = result[0] if isinstance(result, tuple) else result  # (loss, outputs) on request
         optimizer = callback.optimizer
-        if optimizer is not None and model.training and torch.is_tensor(loss) and loss.requires_grad:
+        in_training = model.training and torch.is_tensor(loss) and loss.requires_grad
+        if optimizer is not None and in_training:
             optimizer.watch_loss(loss)
         return result
 
@@ -101,7 +102,8 @@ class PolyakCallback(TrainerCallback):
                             "Call polyak_fused.integrations.hf.attach(trainer) instead")
         opt = require_optimizer(
             optimizer, "polyak_fused.integrations.hf.attach()",
-            "pass Trainer(optimizers=(opt, None)) or optimizer_cls_and_kwargs=(pf.InexactPolyak, {})")
+            "pass Trainer(optimizers=(opt, None)) or "
+            "optimizer_cls_and_kwargs=(pf.InexactPolyak, {'total_steps': None})")
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             check_clipping(opt, f"TrainingArguments(max_grad_norm={args.max_grad_norm})",
                            "TrainingArguments(max_grad_norm=0)", self.allow_clipping)

@@ -1,7 +1,7 @@
 """Lightning integration: a callback.
 
-    opt = pf.InexactPolyak(self.parameters())            # in configure_optimizers; total_steps
-    trainer = L.Trainer(..., callbacks=[PolyakCallback()])  # is filled from the trainer's plan
+    opt = pf.InexactPolyak(self.parameters(), total_steps=None)   # in configure_optimizers
+    trainer = L.Trainer(..., callbacks=[PolyakCallback()])       # total_steps: from the plan
 
 **Which loss is watched.** ``on_before_backward`` receives the tensor that Lightning is about to
 backpropagate, and the callback gives it to ``opt.watch_loss``. That tensor is the

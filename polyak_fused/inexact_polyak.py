@@ -17,6 +17,11 @@ __all__ = ["InexactPolyak", "inexact_polyak"]
 SCALARS = ("step_size", "best_loss")
 
 
+def _check_total_steps(total_steps) -> None:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 1)")
+
+
 class InexactPolyak(PolyakFamilyOptimizer):
     r"""Clipped gradient descent with no step size and no clipping threshold to tune.
 
@@ -35,8 +40,13 @@ class InexactPolyak(PolyakFamilyOptimizer):
     Args:
         params: parameters or param groups. Groups may set their own ``lr``; every group shares
             the norm, the loss, ``total_steps`` and ``lower_bound``.
-        total_steps (int): T, the number of ``step()`` calls the run will make. Required: it is
-            the horizon, not the current step, and changing it changes every step size.
+        total_steps (int or None): T, the number of ``step()`` calls the run will make: the
+            horizon, not the current step, and changing it changes every step size. Under
+            gradient accumulation that is the number of optimizer steps, not of batches.
+            Required; ``total_steps=None`` leaves it to be set before the first step, by
+            :meth:`set_total_steps` or by a training-framework integration
+            (``polyak_fused.integrations``), which takes it from the trainer's plan; a step
+            taken while it is None raises a ``ValueError``.
         lower_bound (float): l*, a lower bound on every loss you pass (default 0.0, right for
             cross-entropy and squared losses).
         lr (float or tensor): a multiplier on the computed step (default 1.0, the paper's
@@ -79,11 +89,11 @@ class InexactPolyak(PolyakFamilyOptimizer):
     SCALARS = SCALARS
     GLOBAL_HPARAMS = ("total_steps", "lower_bound", "track_best")
 
-    def __init__(self, params, total_steps: int, lower_bound: float = 0.0, lr=1.0,
+    def __init__(self, params, total_steps: int | None, lower_bound: float = 0.0, lr=1.0,
                  track_best: bool = False, *, fused: bool | None = None,
                  process_group=None, average_loss: bool = True):
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 1)")
+        if total_steps is not None:
+            _check_total_steps(total_steps)
         check_number("lower_bound", lower_bound)
         if not isinstance(track_best, bool):
             raise ValueError(f"Invalid track_best: {track_best!r} (expected a bool)")
@@ -91,6 +101,27 @@ class InexactPolyak(PolyakFamilyOptimizer):
                         track_best=track_best)
         super().__init__(params, defaults, fused=fused, process_group=process_group,
                          average_loss=average_loss)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set T in every param group (and for groups added later). For an optimizer built
+        before the run's length is known; the integrations call it with the trainer's plan.
+        T is saved in, and restored from, ``state_dict()`` like every hyperparameter."""
+        _check_total_steps(total_steps)
+        self.defaults["total_steps"] = total_steps
+        for group in self.param_groups:
+            group["total_steps"] = total_steps
+
+    def step(self, closure=None, **kwargs):
+        # Checked before anything runs (the closure included), so a refused step changes nothing.
+        if self.param_groups[0]["total_steps"] is None:
+            raise ValueError(
+                "Invalid total_steps: None (InexactPolyak needs the horizon T before its first "
+                "step). Pass total_steps=T, the number of optimizer steps of the run (not of "
+                "batches under gradient accumulation), to the constructor, call "
+                "opt.set_total_steps(T), or attach the training-framework integration "
+                "(polyak_fused.integrations.hf.attach(trainer) or "
+                "polyak_fused.integrations.lightning.PolyakCallback()), which fills it in")
+        return super().step(closure, **kwargs)
 
     @property
     def BUFFERS(self):  # noqa: N802 - the per-parameter state names, as in the base class

@@ -1,0 +1,86 @@
+"""What the framework integrations share (no framework is imported here): finding the package's
+optimizer inside a framework's wrappers, filling ``total_steps`` from the trainer's plan, and the
+errors for the trainer settings that silently change the method."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from .._optimizer import PolyakFamilyOptimizer
+from ..clipped_sgd import ClippedSGD
+from ..nsgdm import NSGDM
+
+#: Optimizers whose ``lr`` is a real learning rate. For every other optimizer of the package ``lr``
+#: multiplies a step size the method computes, so a schedule that decays it changes the method.
+LR_IS_A_LEARNING_RATE = (ClippedSGD, NSGDM)
+
+
+def unwrap(optimizer):
+    """The optimizer inside a framework's wrappers (accelerate's ``AcceleratedOptimizer`` and
+    Lightning's ``LightningOptimizer`` keep it in ``.optimizer``)."""
+    for _ in range(8):  # wrappers nest a few levels at most; never loop on a self-reference
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or isinstance(optimizer, PolyakFamilyOptimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def require_optimizer(optimizer, where: str, fix: str) -> PolyakFamilyOptimizer:
+    found = unwrap(optimizer)
+    if not isinstance(found, PolyakFamilyOptimizer):
+        raise TypeError(
+            f"{where} found no polyak_fused optimizer (the trainer's optimizer is "
+            f"{type(found).__name__}); {fix}")
+    return found
+
+
+def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, allowed: bool) -> None:
+    """Refuse gradient clipping before the step unless the user opted in."""
+    if allowed:
+        return
+    name = type(optimizer).__name__
+    if isinstance(optimizer, LR_IS_A_LEARNING_RATE):
+        why = (f"{name} takes the gradient as it is (ClippedSGD clips with its own max_norm, NSGDM "
+               f"normalises), and clipping it before the step changes the method")
+    else:
+        why = (f"{name} computes its step from ||g||, and clipping shrinks ||g||, so the step "
+               f"(f - l*)/||g||^2 grows (InexactPolyak clips by itself)")
+    raise ValueError(
+        f"Gradient clipping before the optimizer step ({setting}) changes the method: {why}. "
+        f"Set {fix}, or pass allow_clipping=True to keep it.")
+
+
+def check_lr_schedule(optimizer: PolyakFamilyOptimizer, setting: str, fix: str,
+                      allowed: bool) -> None:
+    """Refuse a schedule that decays lr when lr multiplies a step the method computes."""
+    if allowed or isinstance(optimizer, LR_IS_A_LEARNING_RATE):
+        return
+    name = type(optimizer).__name__
+    raise ValueError(
+        f"The learning-rate schedule ({setting}) decays {name}'s lr, which is not a learning rate "
+        f"but a multiplier on the step size the method computes (1.0 is the paper's method): the "
+        f"steps shrink towards 0 on top of the method's own rule. Set {fix}, or pass "
+        f"allow_lr_schedule=True to keep it.")
+
+
+def fill_total_steps(optimizer: PolyakFamilyOptimizer, planned, plan: str, fix: str) -> None:
+    """Give InexactPolyak the trainer's number of optimizer steps when total_steps was left None;
+    warn when the user's own total_steps disagrees with the plan."""
+    if "total_steps" not in optimizer.defaults:
+        return
+    current = optimizer.param_groups[0]["total_steps"]
+    finite = planned is not None and not (isinstance(planned, float) and math.isinf(planned))
+    if current is None:
+        if not finite:
+            raise ValueError(
+                f"Invalid total_steps: None, and the trainer does not know how many optimizer "
+                f"steps it will take ({plan} = {planned}); {fix}")
+        optimizer.set_total_steps(int(planned))
+    elif finite and current != int(planned):
+        warnings.warn(
+            f"{type(optimizer).__name__}(total_steps={current}) but the trainer plans "
+            f"{int(planned)} optimizer steps ({plan}). total_steps is the horizon T of the step "
+            f"size (f - l*)/(sqrt(T) ||g||^2) and counts optimizer steps, not batches; leave it "
+            f"None to have it filled from the plan.", UserWarning, stacklevel=3)

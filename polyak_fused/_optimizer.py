@@ -70,8 +70,8 @@ def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
             "use fused=False or fused=None for float64")
     if any(p.is_meta for p in params):
         raise RuntimeError(
-            "fused=True needs parameters that hold data, got meta tensors: build the optimizer "
-            "after materialising them (e.g. model.to_empty(device='cuda')), or use fused=None")
+            "fused=True needs parameters that hold data, got meta tensors: materialise the "
+            "model (e.g. model.to_empty(device='cuda')) and build the optimizer on its parameters")
     if not on_cuda and not interpreter_enabled():
         raise RuntimeError(
             "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
@@ -218,8 +218,8 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                     f"step size and must equal the optimizer's ({value!r})")
         if tensors:
             self._device([p for g in self.param_groups for p in g["params"]] + tensors)
-            if self.fused:
-                use_fused_path(True, tensors)
+            if self.fused:  # (meta parameters may be materialised in place before the first
+                use_fused_path(True, [p for p in tensors if not p.is_meta])  # step: checked then)
         # torch.optim would fill a missing value from the constructor's; the global value is
         # the groups' one (a loaded checkpoint's, for instance)
         group.update(current)
@@ -281,13 +281,13 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         if first is None:
             return
         views = self.__dict__.get("_scalar_views")
+        packed = self.__dict__.get("_packed_scalars")
         state = self.state.get(first)
-        if (views is not None and state is not None
+        if (views is not None and state is not None and packed.device == first.device
                 and all(state.get(name) is view for name, view in views.items())):
-            return
+            return  # (a new device: parameters built on meta and materialised in place)
         names = COMMON_SCALARS + self.SCALARS
         device, dtype = self._device(), self._scalar_dtype()
-        packed = self.__dict__.get("_packed_scalars")
         if packed is None or (packed.device, packed.dtype, packed.numel()) != (device, dtype,
                                                                                 len(names)):
             packed = torch.empty(len(names), dtype=dtype, device=device)

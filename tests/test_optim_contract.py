@@ -434,10 +434,43 @@ def test_a_group_the_kernels_cannot_run_on_is_refused_before_it_is_added(cls, mo
 
 @class_ids
 def test_fused_true_on_meta_parameters_gets_the_librarys_message(cls):
+    """Meta parameters may still be materialised in place (model.to_empty) before the first
+    step, so the optimizer is built; a step on parameters that are still meta is refused by the
+    library, not by Triton ("Cannot copy out of meta tensor")."""
     with torch.device("meta"):
         model = make_model()
-    with pytest.raises(RuntimeError, match=r"fused=True .*meta"):
-        cls(model.parameters(), **REQUIRED[cls], fused=True)
+    opt = cls(model.parameters(), **REQUIRED[cls], fused=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match=r"fused=True .*meta tensors"):
+        opt.step(loss=1.0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_an_optimizer_built_on_meta_parameters_steps_once_they_hold_data(fused, device):
+    """Built before model.to_empty() swaps data into the same Parameter objects (what it does for
+    FSDP2's DTensor parameters, and for any module under the swap flag used here): the scalars
+    move to the parameters' device with them."""
+    with torch.device("meta"):
+        model = make_model()
+    opt = pf.DoG(model.parameters(), reps_rel=1e-2, fused=fused)
+    params = list(model.parameters())
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert all(a is b for a, b in zip(model.parameters(), params)), "to_empty made new Parameters"
+    ref_model = make_model().to(device)
+    with torch.no_grad():
+        for p, q in zip(params, ref_model.parameters()):
+            p.copy_(q)
+    ref = pf.DoG(ref_model.parameters(), reps_rel=1e-2, fused=fused)
+    train(model, opt, range(3))
+    train(ref_model, ref, range(3))
+    assert opt._packed_scalars.device == params[0].device
+    assert_same_snapshot(snapshot(opt), snapshot(ref), what="built on meta: ")
 
 
 # ---- casting on load: the scalars keep their dtype and bits --------------------------------------

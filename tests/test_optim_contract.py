@@ -377,6 +377,19 @@ def test_every_hyperparameter_in_the_groups_and_none_to_the_constructor(cls):
     assert_same_snapshot(snapshot(opt_b), snapshot(opt_a), what="all in the groups: ")
 
 
+def test_total_steps_given_in_every_group_with_none_to_the_constructor():
+    """total_steps has no default; None (to be set later) plus T in every group gives T."""
+    model_a, model_b = make_model(), make_model()
+    w = list(model_b.parameters())
+    opt_a = pf.InexactPolyak(model_a.parameters(), total_steps=30, fused=False)
+    opt_b = pf.InexactPolyak([{"params": w[:2], "total_steps": 30},
+                              {"params": w[2:], "total_steps": 30}], total_steps=None, fused=False)
+    assert opt_b.defaults["total_steps"] == 30
+    train(model_a, opt_a, range(3))
+    train(model_b, opt_b, range(3))
+    assert_same_snapshot(snapshot(opt_b), snapshot(opt_a), what="T from the groups: ")
+
+
 @pytest.mark.parametrize("cls, name, value, pattern", [
     (pf.InexactPolyak, "total_steps", 10.5, r"Invalid total_steps: 10.5"),
     (pf.InexactPolyak, "track_best", 1, r"Invalid track_best: 1"),

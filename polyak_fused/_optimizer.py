@@ -12,8 +12,10 @@ and implements `_initial_scalars()` and `_run(...)`, which calls its functional 
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+from itertools import chain
 from typing import Callable
 
 import torch
@@ -66,6 +68,10 @@ def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
         raise RuntimeError(
             "fused=True does not take float64 parameters (the kernels compute in float32); "
             "use fused=False or fused=None for float64")
+    if any(p.is_meta for p in params):
+        raise RuntimeError(
+            "fused=True needs parameters that hold data, got meta tensors: materialise the "
+            "model (e.g. model.to_empty(device='cuda')) and build the optimizer on its parameters")
     if not on_cuda and not interpreter_enabled():
         raise RuntimeError(
             "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
@@ -89,8 +95,43 @@ def as_loss_tensor(loss, device: torch.device, dtype: torch.dtype) -> torch.Tens
     raise TypeError(f"Invalid loss: expected a 0-d tensor or a float, got {type(loss).__name__}")
 
 
+def _list_every_parameter(optimizer, state_dict: dict) -> None:
+    """state_dict post-hook: an empty entry in "state" for every parameter that has none."""
+    for i in chain.from_iterable(g["params"] for g in state_dict["param_groups"]):
+        state_dict["state"].setdefault(i, {})
+
+
+def _in_current_format(state_dict: dict) -> dict:
+    """A state_dict of an older format in the current one (a new dict; the caller's stays as it
+    is). Up to commit e9a6c3b the global scalars were in param_groups[0]["scalars"], before
+    commit e99eceb in state["scalars"]; now they are in the state of the first parameter."""
+    state, groups = state_dict["state"], state_dict["param_groups"]
+    if "scalars" not in state and not any("scalars" in g for g in groups):
+        return state_dict
+    groups = [dict(g) for g in groups]
+    scalars = {}
+    for g in groups:
+        scalars.update(g.pop("scalars", {}))
+    state = dict(state)
+    scalars.update(state.pop("scalars", {}))
+    first_id = next(chain.from_iterable(g["params"] for g in groups), None)
+    if first_id is not None:
+        state[first_id] = {**state.get(first_id, {}), **scalars}
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
 class PolyakFamilyOptimizer(torch.optim.Optimizer):
-    """Base class; see the module docstring. Not for direct use."""
+    """Base class; see the module docstring. Not for direct use.
+
+    Where the state lives, in torch.optim's own format (so that state_dict hooks,
+    torch.distributed.checkpoint and FSDP see an ordinary optimizer):
+      * per-parameter buffers (BUFFERS) in ``self.state[p]``, made at the first step;
+      * the global scalars (COMMON_SCALARS + SCALARS), one 0-d tensor per name, in the state of
+        the first parameter (id 0 in ``state_dict()``), as torch.optim.LBFGS keeps its global
+        state. They are views of one packed device buffer, ``self._packed_scalars``, which the
+        step reads and writes; ``opt.scalars`` returns the same views.
+    A global hyperparameter (GLOBAL_HPARAMS) has one value, held by every param group.
+    """
 
     METHOD: str = ""
     SCALARS: tuple[str, ...] = ()
@@ -108,26 +149,80 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         self.process_group, self.average_loss = distributed.check_options(process_group,
                                                                           average_loss)
         self._fused_cache: dict = {}
+        if not torch.is_tensor(params):      # (torch.optim raises its own TypeError for a tensor)
+            params = list(params)
+            if params and isinstance(params[0], dict):
+                defaults = {**defaults, **self._global_hparams_of_groups(params, defaults)}
         super().__init__(params, defaults)
         # The global scalars exist from the start: the state is never empty, which is also how
         # torch.distributed.checkpoint knows not to run an initialising step() (without a loss).
         self._ensure_scalars()
 
     # ---- param groups -------------------------------------------------------------------------
-    def add_param_group(self, param_group: dict) -> None:
+    def _global_hparams_of_groups(self, groups: list[dict], defaults: dict) -> dict:
+        """torch.optim lets any hyperparameter be given in the param groups. A global one may be
+        when every group ends up with the same value: given in every group, that value replaces
+        the constructor's (and becomes the default); given in some, it must equal the
+        constructor's. Returns the values given in the groups, checked by the class itself."""
+        given = {}
         for name in self.GLOBAL_HPARAMS:
-            if name in param_group:
-                if param_group[name] != self.defaults[name]:
-                    raise ValueError(
-                        f"Invalid {name}: {param_group[name]!r} in a param group; {name} sets the one "
-                        f"global step size and must equal the optimizer's ({self.defaults[name]!r})")
-        if "lr" in param_group:
-            check_lr(param_group["lr"])
+            values = [g[name] for g in groups if name in g]
+            if not values:
+                continue
+            in_effect = [g.get(name, defaults[name]) for g in groups]
+            if any(v != in_effect[0] for v in in_effect):
+                bad = next((v for v in values if v != defaults[name]), values[0])
+                raise ValueError(
+                    f"Invalid {name}: {bad!r} in a param group; {name} sets the one global step "
+                    f"size, so every param group must have the same value (give it in every "
+                    f"group, or only to the constructor, which has {defaults[name]!r})")
+            given[name] = in_effect[0]
+        if not given:
+            return {}
+        # The class's constructor is the one place that validates its hyperparameters: build a
+        # throwaway optimizer with the groups' values to run those checks (and normalise them).
+        accepted = inspect.signature(type(self)).parameters
+        kwargs = {k: v for k, v in {**defaults, **given}.items() if k in accepted}
+        probe = type(self)([torch.zeros(1)], **kwargs, fused=False)
+        return {name: probe.defaults[name] for name in given}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, after this package's checks: a group that fails any check (torch's
+        included) is not added, and the optimizer stays exactly as it was."""
+        if isinstance(param_group, dict) and "params" in param_group:  # (else torch.optim raises)
+            self._check_new_group(param_group)
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.is_complex():
-                raise ValueError(f"{type(self).__name__} does not support complex parameters")
         self._fused_cache.clear()
+        self.__dict__.pop("_scalar_views", None)  # the first group makes the scalars; a float64
+        self._ensure_scalars()                    # group makes them float64
+
+    def _check_new_group(self, group: dict) -> None:
+        params = group["params"]
+        # torch.optim's normalisation, done here so that an iterator is read only once
+        if torch.is_tensor(params):
+            group["params"] = [params]
+        elif not isinstance(params, set):         # (torch.optim refuses a set)
+            group["params"] = list(params)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in group["params"]]  # (name, p)
+        tensors = [p for p in tensors if torch.is_tensor(p)]  # torch.optim refuses the others
+        if any(p.is_complex() for p in tensors):
+            raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        if "lr" in group:
+            check_lr(group["lr"])
+        current = {name: (self.param_groups[0] if self.param_groups else self.defaults)[name]
+                   for name in self.GLOBAL_HPARAMS}
+        for name, value in current.items():
+            if name in group and group[name] != value:
+                raise ValueError(
+                    f"Invalid {name}: {group[name]!r} in a param group; {name} sets the one global "
+                    f"step size and must equal the optimizer's ({value!r})")
+        if tensors:
+            self._device([p for g in self.param_groups for p in g["params"]] + tensors)
+            if self.fused:  # (meta parameters may be materialised in place before the first
+                use_fused_path(True, [p for p in tensors if not p.is_meta])  # step: checked then)
+        # torch.optim would fill a missing value from the constructor's; the global value is
+        # the groups' one (a loaded checkpoint's, for instance)
+        group.update(current)
 
     # ---- global scalar state ------------------------------------------------------------------
     @property
@@ -136,7 +231,10 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
 
         Reading them never syncs; call .item() yourself outside the training loop if needed."""
         self._ensure_scalars()
-        return self.state["scalars"]
+        views = self.__dict__.get("_scalar_views")
+        if views is None:
+            raise RuntimeError(f"{type(self).__name__} has no parameters, hence no global state")
+        return dict(views)
 
     @classmethod
     def functional_state(cls, params, **kwargs) -> dict:
@@ -169,48 +267,88 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} needs all parameters on one device, got {sorted(map(str, devices))}")
         return devices.pop()
 
+    def _first_param(self) -> torch.Tensor | None:
+        """The parameter whose state holds the global scalars: id 0 of state_dict()."""
+        return next((p for g in self.param_groups for p in g["params"]), None)
+
     def _ensure_scalars(self) -> None:
-        """Keep the global scalars in one packed device buffer, with named 0-d views of it in
-        self.state["scalars"] (what state_dict() saves). Rebuilds the buffer from the named values
-        when they are not views of it: after load_state_dict, deepcopy or unpickling."""
-        names = COMMON_SCALARS + self.SCALARS
-        current = self.state.get("scalars")
-        packed = self.__dict__.get("_packed_scalars")
-        first = next(p for g in self.param_groups for p in g["params"])
-        if (current is not None and packed is not None and packed.device == first.device
-                and current["step"].data_ptr() == packed.data_ptr()):
+        """Make the first parameter's state hold, for every scalar name, a 0-d view of the packed
+        buffer. An entry that is not that view (missing: a fresh optimizer; a new tensor: after
+        load_state_dict, a deepcopy, unpickling or a user's edit) gives its value to the buffer
+        and is replaced by the view. Runs at every step: the check that all is in place is a
+        few identity comparisons."""
+        first = self._first_param()
+        if first is None:
             return
-        device = self._device()
-        init = {"step": 0.0, "skipped": 0.0, **self._initial_scalars()}
-        packed = torch.tensor([init[n] for n in names], dtype=self._scalar_dtype()).to(device)
-        for i, n in enumerate(names):  # keep known values (none on the meta device: no data)
-            if current is not None and n in current and not torch.as_tensor(current[n]).is_meta:
-                packed[i].copy_(torch.as_tensor(current[n]).reshape(()))
+        views = self.__dict__.get("_scalar_views")
+        packed = self.__dict__.get("_packed_scalars")
+        state = self.state.get(first)
+        if (views is not None and state is not None and packed.device == first.device
+                and all(state.get(name) is view for name, view in views.items())):
+            return  # (a new device: parameters built on meta and materialised in place)
+        names = COMMON_SCALARS + self.SCALARS
+        device, dtype = self._device(), self._scalar_dtype()
+        if packed is None or (packed.device, packed.dtype, packed.numel()) != (device, dtype,
+                                                                                len(names)):
+            packed = torch.empty(len(names), dtype=dtype, device=device)
+        # (refilled in place otherwise, so that views held elsewhere, and a captured CUDA graph,
+        # see the new values)
+        initial = {"step": 0.0, "skipped": 0.0, **self._initial_scalars()}
+        state = self.state[first]
+        for i, name in enumerate(names):
+            value = state.get(name)
+            if torch.is_tensor(value) and not value.is_meta:  # (a meta tensor has no value)
+                packed[i].copy_(value.detach().reshape(()))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                packed[i].fill_(float(value))              # e.g. a "step" saved as a number
+            else:
+                packed[i].fill_(initial[name])
         self._packed_scalars = packed
-        self.state["scalars"] = {n: packed[i] for i, n in enumerate(names)}
+        self._scalar_views = {name: packed[i] for i, name in enumerate(names)}
+        state.update(self._scalar_views)
 
     def state_dict(self) -> dict:
-        """torch.optim's format; the global scalars travel in the first param group (key
-        "scalars"), since "state" may hold only per-parameter entries (torch.distributed.checkpoint
-        maps every key of "state" to a parameter)."""
-        sd = super().state_dict()
-        scalars = sd["state"].pop("scalars", None)
-        if scalars is not None and sd["param_groups"]:
-            sd["param_groups"][0] = {**sd["param_groups"][0], "scalars": dict(scalars)}
-        return sd
+        """torch.optim's, with an entry for every parameter: the ones without state get an empty
+        one (before the user's post-hooks, which see the final dict), since
+        torch.distributed.checkpoint's set_optimizer_state_dict (strict by default) refuses a
+        checkpoint that misses a parameter. The global scalars are in entry 0."""
+        handle = self.register_state_dict_post_hook(_list_every_parameter, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        scalars = groups[0].pop("scalars", None) if groups else None
-        state = dict(state_dict["state"])
-        scalars = state.pop("scalars", scalars)  # checkpoints written before 0.1.0's release
-        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
-        self._fused_cache.clear()
-        self.__dict__.pop("_packed_scalars", None)
-        self.state.pop("scalars", None)
-        if scalars is not None:
-            self.state["scalars"] = scalars
-            self._ensure_scalars()
+        """torch.optim's, which runs the hooks, with three steps of ours around them:
+          * a checkpoint of an older format is first rewritten in the current one, so that the
+            pre-hooks see the current format;
+          * after the user's pre-hooks, the scalars are read as the (possibly edited) dict holds
+            them: torch.optim then casts every floating state value to its parameter's dtype,
+            which would round them to a bfloat16 first parameter's;
+          * they are written into the packed buffer, and the empty entries of state_dict()
+            dropped, before the user's post-hooks run, which thus see the restored state."""
+        saved = {}
+
+        def read_saved_scalars(_, sd):
+            first_id = next(chain.from_iterable(g["params"] for g in sd["param_groups"]), None)
+            entry = sd["state"].get(first_id, {})
+            saved.update({n: entry[n] for n in COMMON_SCALARS + self.SCALARS if n in entry})
+
+        def restore_scalars(_):
+            for p in [p for p, st in self.state.items() if torch.is_tensor(p) and not st]:
+                del self.state[p]
+            first = self._first_param()
+            if first is not None:
+                self.state[first].update(saved)
+                self._ensure_scalars()
+
+        last_pre = self.register_load_state_dict_pre_hook(read_saved_scalars)
+        first_post = self.register_load_state_dict_post_hook(restore_scalars, prepend=True)
+        try:
+            super().load_state_dict(_in_current_format(state_dict))
+        finally:
+            last_pre.remove()
+            first_post.remove()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -224,6 +362,10 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("average_loss", True)
         self.__dict__.setdefault("process_group", None)
         self._fused_cache = {}  # its tables point at the tensors of the original
+        old = self.state.pop("scalars", None)  # pickled before the scalars moved (e9a6c3b)
+        first = self._first_param()
+        if isinstance(old, dict) and first is not None:
+            self.state[first].update(old)
 
     # ---- step ---------------------------------------------------------------------------------
     def _collect(self):
@@ -252,7 +394,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         device = self._device(params)
         fused = use_fused_path(self.fused, params)
         buffers = {name: [] for name in self.BUFFERS}
-        for p in params:
+        for p in params if buffers else ():  # (no empty state entries, as in torch.optim)
             st = self.state[p]
             for name, out in buffers.items():
                 if name not in st:

@@ -15,6 +15,7 @@ import math
 import torch
 
 import polyak_fused as pf
+from polyak_fused._optimizer import COMMON_SCALARS
 
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -49,17 +50,22 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str
 
 def snapshot(opt: torch.optim.Optimizer) -> dict:
     """A deep copy of the parameters, per-parameter state and scalars, read without creating
-    anything (opt.state is read directly, not through the lazy opt.scalars property)."""
+    anything (opt.state is read directly, not through the opt.scalars property). The scalars are
+    the entries named COMMON_SCALARS + SCALARS in the first parameter's state; "state" holds
+    the per-parameter buffers only."""
     params = [p for g in opt.param_groups for p in g["params"]]
+    names = COMMON_SCALARS + opt.SCALARS
     per_param = []
-    for p in params:
+    for i, p in enumerate(params):
         st = opt.state.get(p, {})
-        per_param.append({k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)})
-    scalars = opt.state.get("scalars")
+        per_param.append({k: v.detach().clone() for k, v in st.items()
+                          if torch.is_tensor(v) and not (i == 0 and k in names)})
+    first = opt.state.get(params[0], {}) if params else {}
+    scalars = {k: first[k].clone() for k in names if k in first}
     return {
         "params": [p.detach().clone() for p in params],
         "state": per_param,
-        "scalars": None if scalars is None else {k: v.clone() for k, v in scalars.items()},
+        "scalars": scalars or None,
     }
 
 

@@ -270,11 +270,14 @@ def test_step_error_changes_nothing(cls, prepare, step_kwargs, error, pattern, f
     lambda ps: pf.NSGDM(ps, lr=0.1, fused=True),
 ], ids=["inexact_polyak_best", "dog", "clipped_sgd_momentum", "nsgdm"])
 def test_fused_true_on_cpu_without_interpreter_raises(monkeypatch, make):
-    """Configurations with per-parameter buffers: the error comes before any buffer is made."""
+    """Configurations with per-parameter buffers: the error comes before any buffer is made.
+    (Construction refuses it too, see test_optim_contract.py; here the interpreter is turned off
+    after the optimizer was built, so that the step's own check is the one tested.)"""
+    params = new_params()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    opt = make(params)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not _optimizer.interpreter_enabled()
-    params = new_params()
-    opt = make(params)
     before = snapshot(opt)
     set_good_grads(params)
     with pytest.raises(RuntimeError, match=r"fused=True needs CUDA tensors.*TRITON_INTERPRET=1"):
@@ -285,13 +288,16 @@ def test_fused_true_on_cpu_without_interpreter_raises(monkeypatch, make):
     assert after["scalars"] is None or after["scalars"]["step"].item() == 0
 
 
-def test_fused_true_with_float64_raises():
-    x = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+def test_fused_true_with_float64_raises(device):
+    with pytest.raises(RuntimeError, match=r"float64"):      # at construction, as torch's fused
+        pf.Polyak([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))], fused=True)
+    x = torch.nn.Parameter(torch.ones(3, device=device))
     opt = pf.Polyak([x], fused=True)
+    x.data = x.data.double()              # what model.double() does after the optimizer is built
     x.grad = torch.ones_like(x)
     with pytest.raises(RuntimeError, match=r"float64"):
         opt.step(loss=1.0)
-    assert torch.equal(x.detach(), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(x.detach(), torch.ones(3, dtype=torch.float64, device=device))
 
 
 def test_load_best_rejects_bad_loss():

@@ -31,9 +31,12 @@ def _set_grads(params, seed):
 
 
 def _snapshot(opt, params):
+    """Parameters, per-parameter buffers, global scalars (which live in params[0]'s state)."""
+    scalars = opt.scalars
     return ([p.detach().clone() for p in params],
-            {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)},
-            {k: v.clone() for k, v in opt.scalars.items()})
+            {i: {k: v.clone() for k, v in opt.state[p].items() if k not in scalars}
+             for i, p in enumerate(params)},
+            {k: v.clone() for k, v in scalars.items()})
 
 
 @pytest.mark.parametrize("bad", ["nan_grad", "inf_grad", "nan_loss", "inf_loss"])
@@ -149,10 +152,13 @@ def test_fused_none_takes_the_reference_on_cpu_and_fused_false_always():
         assert "plan" not in opt._fused_cache
 
 
-def test_fused_true_rejects_float64():
-    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    p.grad = torch.randn(3, dtype=torch.float64)
+def test_fused_true_rejects_float64(device):
+    with pytest.raises(RuntimeError, match="float64"):       # at construction
+        pf.Polyak([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], fused=True)
+    p = torch.nn.Parameter(torch.randn(3, device=device))
     opt = pf.Polyak([p], fused=True)
+    p.data = p.data.double()              # what model.double() does after the optimizer is built
+    p.grad = torch.randn(3, dtype=torch.float64, device=device)
     before = p.detach().clone()
     with pytest.raises(RuntimeError, match="float64"):
         opt.step(loss=1.0)

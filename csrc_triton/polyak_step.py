@@ -494,13 +494,15 @@ class _Group:
 
 class _Plan:
     """Everything a step needs that does not change while the tensors stay where they are: the
-    tables, the scratch buffers, and what they were built from (`params`, `grads`, `buf` as
-    tuples, `lr_slots`), against which each step's arguments are checked (`_current_plan`).
+    tables, the scratch buffers, and what they were built from (`params`, `buf` as tuples,
+    `lr_slots`, the gradients' token), against which each step's arguments are checked
+    (`_current_plan`).
 
     How a tensor that moved is found, and what it costs per step:
-      * a new parameter, gradient or state-buffer object: the step's sequences differ from the
-        ones kept here (nothing to compare when the caller hands over the very tuples the plan
-        kept: `_same`). New gradients only rewrite the gradient column (`set_grads`).
+      * a new parameter or state-buffer object: the step's sequences differ from the ones kept
+        here (nothing to compare when the caller hands over the very tuples the plan kept:
+        `_same`). New gradients (the caller's token changed, or no token) only rewrite the
+        gradient column (`set_grads`).
       * a parameter or state buffer whose memory changed in place (``p.data = other``, a module's
         ``.to()`` or ``.half()``, ``torch.utils.swap_tensors``): a weak reference to the storage
         the tables point at fires when that storage is freed; the plan is rebuilt at the next
@@ -511,9 +513,10 @@ class _Plan:
         check compares the pointers and size of a few tensors per step, in turn, and finds the
         move within SPOT_CHECK_STEPS steps."""
 
-    def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device):
+    def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device, grads_token):
         self.method, self.hp, self.device = method, hp, device
-        self.params, self.grads = tuple(params), tuple(grads)
+        self.params = tuple(params)
+        self.grads_token = grads_token  # the caller's token of the gradients the tables point at
         self.buf = tuple(buf) if buf is not None else None
         self.lr_slots, self.n_lr_slots = lr_slots, n_lr_slots
         self.moved = [False]        # set when a watched parameter or buffer storage is freed
@@ -598,16 +601,21 @@ class _Plan:
                 and (self.lr_slots is lr_slots or self.lr_slots == tuple(lr_slots))
                 and _same(self.params, params) and _same(self.buf, buf))
 
-    def follow_grads(self, grads) -> bool:
-        """Make the gradient column point at `grads`; False if the plan must be rebuilt."""
-        if _same(self.grads, grads) and not self.grads_moved[0]:
+    def follow_grads(self, grads, token) -> bool:
+        """Make the gradient column point at `grads`; False if the plan must be rebuilt. `token`
+        (None from callers that give none) is the caller's promise: the same token as when the
+        column was written means the same gradient tensors."""
+        if token is not None and token is self.grads_token and not self.grads_moved[0]:
             if self._grad_watches is None:  # the same gradients two steps running: watch them
                 self._grad_watches = []
                 for grp in self.groups:
                     for g in grp.direct_grads(grads) if grp.direct else ():
                         self._watch(g, self.grads_moved, self._grad_watches)
             return True
-        return self.set_grads(grads)
+        if not self.set_grads(grads):
+            return False
+        self.grads_token = token
+        return True
 
     def set_grads(self, grads) -> bool:
         """Point the tables at new gradient tensors (same parameters); False when the plan must
@@ -621,7 +629,6 @@ class _Plan:
                 if not all(map(_is_contiguous, new)):
                     return False
                 grp.write_grad_ptrs(array("q", map(_data_ptr, new)), self.device)
-        self.grads = tuple(grads)
         return True
 
     def spot_check(self, params, grads, buf) -> bool:
@@ -651,9 +658,10 @@ def _current_plan(cache, method, hp, params, grads, buf, lr_slots, n_lr_slots, d
     """The cached plan if it still describes these tensors (its gradient column rewritten if only
     the gradients changed), else a new one."""
     plan = cache.get("plan")
+    token = cache.get("grads_token")
     if (plan is None or not plan.fits(method, hp, params, buf, lr_slots, n_lr_slots)
-            or not plan.follow_grads(grads) or not plan.spot_check(params, grads, buf)):
-        plan = _Plan(method, hp, params, grads, buf, tuple(lr_slots), n_lr_slots, device)
+            or not plan.follow_grads(grads, token) or not plan.spot_check(params, grads, buf)):
+        plan = _Plan(method, hp, params, grads, buf, tuple(lr_slots), n_lr_slots, device, token)
         cache["plan"] = plan
     return plan
 
@@ -750,9 +758,13 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     gradient by it as they load it; `found_inf` (likewise): non-zero skips the step;
     `guards`: the guards' constants ``tiny_grad_sq``, ``dog_eps``, ``clip_eps``.
 
-    `cache` keeps the plan (tables) between steps. Pass the same tuples of tensors as the last
-    step when nothing changed: the step then does no per-tensor work (lists are compared element
-    by element)."""
+    `cache` keeps the plan (tables) between steps; the plan holds the parameters and buffers,
+    never the gradients (they may be freed between steps). What a step checks, per tensor:
+      * parameters and buffers: nothing when they come in the very tuples of the last step
+        (tuples do not change in place), else an identity comparison;
+      * gradients: their pointers are read again, unless `cache["grads_token"]` is the object
+        it was at the last step: a caller that sets it (the optimizers do, in _collect) promises
+        that the same token means the same gradient tensors."""
     if method not in METHODS:
         raise ValueError(f"unknown method: {method!r}")
     if scalars.dtype != torch.float32:

@@ -3,7 +3,8 @@ target and launched through Triton's real launch path, only the CUDA driver is a
 
     python -m bench.host_cost                        # 148, 2000 and 10000 tensors, ~2 minutes
     python -m bench.host_cost --tensors 2000 --steps 300 --out /tmp/x.csv
-    python -m bench.host_cost --table bench/results/host_cost_<date>.csv   # the README table
+    python -m bench.host_cost --table bench/results/host_cost_cpu_<date>.csv   # README table
+    python -m bench.host_cost --device cuda          # on a GPU machine: the real driver
 
 On a machine that trains on a GPU, the fused step of a model with thousands of small tensors is
 bound by the host: the Python work of step() takes longer than the three kernels. This benchmark
@@ -33,9 +34,14 @@ bench.layouts "gpt2_small"); the others are N tensors of ``--numel`` elements (6
 on a GPU host the tensors' data is in device memory and their host-side metadata lies close
 together; large host tensors would spread it out and add cache misses a GPU host does not have).
 
-The harness must exist and a C compiler must be on the PATH (Triton needs one too); the command
-stops with a message saying which is missing. It re-executes itself once with LD_LIBRARY_PATH
-pointing at the stub, since the dynamic loader reads that variable only at start-up.
+Every measurement runs in a fresh process (LD_LIBRARY_PATH pointing at the stub, which the
+dynamic loader reads only at start-up): a process that has already built and dropped other
+optimizers leaves its heap fragmented, and the per-tensor host work then reads metadata spread
+over more cache lines (measured: 10000 tensors, same gradients, 1.0 ms alone and 4 ms after the
+new-gradient runs in the same process). ``--repeats`` runs the whole list again, interleaved,
+since this shared VM's speed drifts over seconds (the same measurement gave 0.053 and 0.114 ms
+a minute apart at load average 0.6). The harness must exist and a C compiler must be on the
+PATH (Triton needs one too); the command stops with a message saying which is missing.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import argparse
 import csv
 import datetime as _dt
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -108,7 +115,8 @@ def build_stub(harness: Path) -> Path:
     return out_dir
 
 
-def reexec_with_stub(harness: Path, argv: list[str]) -> int:
+def stub_env(harness: Path) -> dict:
+    """The environment of a measuring process: the stub found first, no interpreter."""
     stub = build_stub(harness)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions
@@ -116,9 +124,19 @@ def reexec_with_stub(harness: Path, argv: list[str]) -> int:
         else str(stub)
     env["TRITON_LIBCUDA_PATH"] = str(stub)
     env[_CHILD] = str(harness)
-    env["PYTHONPATH"] = f"{ROOT}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
-    return subprocess.run([sys.executable, "-m", "bench.host_cost", *argv], env=env,
-                          cwd=ROOT).returncode
+    return env
+
+
+def measure_in_fresh_process(env: dict, args, n: int, scenario: str) -> dict:
+    env = {**env, "PYTHONPATH": f"{ROOT}:{env['PYTHONPATH']}" if env.get("PYTHONPATH")
+           else str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.host_cost", "--one", f"{n}:{scenario}",
+           "--numel", str(args.numel), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the measurement {n}:{scenario} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,15 +184,20 @@ def shapes_for(n_tensors: int, numel: int) -> tuple[str, list[tuple[int, ...]]]:
     return f"{n_tensors}x{numel}", [(numel,)] * n_tensors
 
 
-def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches) -> dict:
+def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches,
+                  device: str = "cpu") -> dict:
+    """Median host time of opt.step(loss=...) in one scenario. On a real GPU (device "cuda")
+    the device is synchronised before each timed step, so the host never waits for a full
+    launch queue: what is timed is the host's work."""
     import torch
 
     import polyak_fused as pf
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    grad_sets = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    grad_sets = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(2)]
     opt = pf.InexactPolyak(params, total_steps=10**9, fused=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if scenario == "flat_grads":
         if not hasattr(opt, "flatten_grads"):
             return {"note": "no flatten_grads() in this version"}
@@ -184,7 +207,7 @@ def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches) -> d
     else:
         for p, g in zip(params, grad_sets[0]):
             p.grad = g
-    loss = torch.tensor(2.0)
+    loss = torch.tensor(2.0, device=device)
     times = []
     n0 = None
     for i in range(warmup + steps):
@@ -193,6 +216,7 @@ def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches) -> d
                 p.grad = g
         if i == warmup:
             n0 = launches()
+        sync()
         t0 = time.perf_counter_ns()
         opt.step(loss=loss)
         t1 = time.perf_counter_ns()
@@ -201,8 +225,9 @@ def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches) -> d
     q = statistics.quantiles(times, n=5)
     from csrc_triton import polyak_step as K
 
-    return {"steps": steps, "median_ms": statistics.median(times), "p20_ms": q[0],
-            "p80_ms": q[-1], "launches_per_step": (launches() - n0) / steps,
+    n_launches = launches()
+    return {"steps": steps, "median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1],
+            "launches_per_step": "" if n_launches is None else (n_launches - n0) / steps,
             "launch_path": "compiled kernel" if getattr(K, "_COMPILED", None) else "kernel[grid]",
             "note": ""}
 
@@ -214,22 +239,46 @@ def load_average() -> str:
         return "n/a"
 
 
-def child_main(args) -> int:
-    harness = Path(os.environ[_CHILD])
-    launches = install_fake_driver(harness)
+def measure_one(args) -> dict:
+    """One (tensors, scenario) measurement, in this process (a fresh one): the stub driver, or
+    with --device cuda the real GPU."""
+    if args.device == "cuda":
+        launches = lambda: None  # noqa: E731
+    else:
+        launches = install_fake_driver(Path(os.environ[_CHILD]))
+    import torch
+
+    torch.set_num_threads(1)
+    if args.device == "cpu":
+        fused_on_host_memory()
+    n, scenario = args.one.split(":")
+    layout, shapes = shapes_for(int(n), args.numel)
+    steps = args.steps or max(200, min(2000, 2_000_000 // int(n)))
+    load_start = load_average()
+    row = time_scenario(scenario, shapes, steps, args.warmup, launches, args.device)
+    return {**row, "tensors": int(n), "layout": layout, "scenario": scenario,
+            "load_start": load_start, "load_end": load_average()}
+
+
+def run_all(args) -> int:
+    """Every (repeat, tensors, scenario), each in a fresh process, into one CSV."""
     import torch
     import triton
 
     from bench.step_benchmark import device_name, git_sha
 
-    torch.set_num_threads(1)
-    fused_on_host_memory()
-    common = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "git_sha": git_sha(),
-              "host": device_name(torch.device("cpu")), "python": platform.python_version(),
-              "torch": torch.__version__, "triton": triton.__version__,
-              "harness": "fakecuda: sm_90 compile, real C launcher, stub driver"}
+    if args.device == "cuda":
+        env, harness = dict(os.environ), "real GPU: host time per step, device synced before"
+        env.pop("TRITON_INTERPRET", None)
+        host = f"{device_name(torch.device('cpu'))}, {device_name(torch.device('cuda'))}"
+    else:
+        env = stub_env(find_harness(args.fakecuda))
+        harness = "fakecuda: sm_90 compile, real C launcher, stub driver; one process each"
+        host = device_name(torch.device("cpu"))
+    common = {"git_sha": git_sha(), "host": host, "python": platform.python_version(),
+              "torch": torch.__version__, "triton": triton.__version__, "harness": harness}
     out = Path(args.out) if args.out else \
-        RESULTS / f"host_cost_{_dt.date.today().isoformat()}.csv"
+        RESULTS / f"host_cost_{args.device}_{_dt.date.today().isoformat()}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = [(repeat, n, scenario) for repeat in range(args.repeats) for n in args.tensors
             for scenario in args.scenarios]
@@ -237,19 +286,16 @@ def child_main(args) -> int:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for repeat, n, scenario in runs:
-            layout, shapes = shapes_for(n, args.numel)
-            steps = args.steps or max(200, min(2000, 2_000_000 // n))
-            load_start = load_average()
-            row = time_scenario(scenario, shapes, steps, args.warmup, launches)
-            row.update(common, tensors=n, layout=layout, scenario=scenario, repeat=repeat,
-                       load_start=load_start, load_end=load_average())
+            date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+            row = {**common, **measure_in_fresh_process(env, args, n, scenario), "date": date,
+                   "repeat": repeat}
             writer.writerow(row)
             f.flush()
-            if "median_ms" in row:
+            if row.get("median_ms"):
                 print(f"{n:>6} tensors  {scenario:<11} median {row['median_ms']:.4f} ms  "
                       f"(p20 {row['p20_ms']:.4f}, p80 {row['p80_ms']:.4f}; {row['steps']} "
-                      f"steps; {row['launches_per_step']:.0f} launches/step; load "
-                      f"{load_start} -> {row['load_end']})", flush=True)
+                      f"steps; {row['launches_per_step']} launches/step; load "
+                      f"{row['load_start']} -> {row['load_end']})", flush=True)
             else:
                 print(f"{n:>6} tensors  {scenario:<11} skipped: {row['note']}", flush=True)
     print(f"wrote {out}")
@@ -306,9 +352,12 @@ def parse_args(argv=None):
                          "148 / 2000 / 10000 tensors)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     ap.add_argument("--out", default="", help="CSV path (default "
-                    "bench/results/host_cost_<date>.csv)")
+                    "bench/results/host_cost_<device>_<date>.csv)")
     ap.add_argument("--fakecuda", default=None, help="the harness folder (default "
                     "../shared/tools/fakecuda beside the checkout, or $POLYAK_FAKECUDA)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (default): the stub driver; cuda: a real GPU, no stub")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # N:scenario, in a child
     args = ap.parse_args(argv)
     args.tensors = [int(x) for x in args.tensors.split(",") if x]
     args.scenarios = [x for x in args.scenarios.split(",") if x]
@@ -328,10 +377,10 @@ def main(argv=None) -> int:
     if args.table:
         print(table(args.table))
         return 0
-    if os.environ.get(_CHILD):
-        return child_main(args)
-    harness = find_harness(args.fakecuda)
-    return reexec_with_stub(harness, argv)
+    if args.one:
+        print(json.dumps(measure_one(args)))
+        return 0
+    return run_all(args)
 
 
 if __name__ == "__main__":

@@ -422,10 +422,11 @@ MIN_CHUNK, MAX_CHUNK = 4 * GPU_BLOCK, 32 * GPU_BLOCK
 #: default and 3.10 will not, which would change results bitwise. Fused: one rounding fewer in
 #: x - lr*eta*g, and the results every released version of this package computed.
 FP_FUSION = True
-#: A step checks the pointers and sizes of ceil(n / SPOT_CHECK_STEPS) of its n tensors (at
-#: least 2), in turn: a tensor that moved while its old storage stayed alive is found within
-#: SPOT_CHECK_STEPS steps (one whose old storage was freed, at the next step: _Plan.watch).
-SPOT_CHECK_STEPS = 1024
+#: A step checks the pointers and sizes of SPOT_CHECKS_PER_STEP of its n tensors, in turn: a
+#: tensor that moved while its old storage stayed alive is found within n / SPOT_CHECKS_PER_STEP
+#: steps (one whose old storage was freed, at the next step: _Plan._watch). A constant, so that
+#: a step that needs no per-tensor pass (flat gradients) does not grow with n.
+SPOT_CHECKS_PER_STEP = 2
 
 
 def cuda_launch_config(numels, n_sms: int) -> dict:
@@ -510,8 +511,8 @@ class _Plan:
         gradients that are replaced every step would cost a pass per step); a freed one makes the
         next step reread the gradient pointers.
       * the same while another tensor keeps the old storage alive (so nothing is freed): the spot
-        check compares the pointers and size of a few tensors per step, in turn, and finds the
-        move within SPOT_CHECK_STEPS steps."""
+        check compares the pointers and size of SPOT_CHECKS_PER_STEP tensors per step, in turn,
+        and finds the move within n / SPOT_CHECKS_PER_STEP steps."""
 
     def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device, grads_token):
         self.method, self.hp, self.device = method, hp, device
@@ -581,7 +582,7 @@ class _Plan:
         self.lrs = torch.zeros(n_lr_slots, dtype=torch.float32, device=device)
         self.lr_values: list = [None] * n_lr_slots
         self.spot = [(grp, j, i) for grp in self.groups for j, (_, i) in enumerate(grp.direct)]
-        self.spot_per_step = max(2, -(-len(self.spot) // SPOT_CHECK_STEPS))
+        self.spot_per_step = SPOT_CHECKS_PER_STEP
         self.spot_next = 0
 
     def _watch(self, t: torch.Tensor, flag: list, into: list) -> None:

@@ -411,7 +411,7 @@ CPU_CONFIG = dict(chunk=4096, block=1024, num_warps=4)
 #: On a GPU a program streams its chunk GPU_BLOCK elements per loop trip with 8 warps (8 elements
 #: per thread: two 16-byte vectors of fp32, one of bf16).
 GPU_BLOCK, GPU_WARPS = 2048, 8
-#: The chunk-size model (bench/NOTES.md, "Chunk size"): a launch runs in waves of
+#: The chunk-size model (bench/NOTES.md, "Chunk size from the layout"): a launch runs in waves of
 #: n_sms x PROGRAMS_PER_SM resident programs; in the last, partly filled wave a few programs
 #: stream their chunks alone (the tail). With at least WAVES waves the tail is a small part of
 #: the launch. A chunk is never below MIN_CHUNK (a program must stream enough to hide its start:

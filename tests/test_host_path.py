@@ -258,6 +258,15 @@ def test_param_group_added_and_list_mutated(device):
     pair.twin.append(late_twin)
     pair.grads()
     pair.step()
+    # one parameter replaced in its group's list, in place: the list is the same object
+    swap = torch.nn.Parameter(torch.randn(5, device=device))
+    swap_twin = torch.nn.Parameter(swap.detach().clone())
+    assert pair.opt.param_groups[0]["params"][1] is pair.params[1]
+    pair.opt.param_groups[0]["params"][1] = swap
+    pair.ref.param_groups[0]["params"][1] = swap_twin
+    pair.params[1], pair.twin[1] = swap, swap_twin
+    pair.grads()
+    pair.step()
 
 
 def test_load_state_dict_mid_run(device):

@@ -3,7 +3,8 @@ target and launched through Triton's real launch path, only the CUDA driver is a
 
     python -m bench.host_cost                        # 148, 2000 and 10000 tensors, ~2 minutes
     python -m bench.host_cost --tensors 2000 --steps 300 --out /tmp/x.csv
-    python -m bench.host_cost --table bench/results/host_cost_cpu_<date>.csv   # README table
+    python -m bench.host_cost --table bench/results/host_cost_cpu_<date>.csv \
+        [--before <csv of an earlier commit>]       # the README table
     python -m bench.host_cost --device cuda          # on a GPU machine: the real driver
 
 On a machine that trains on a GPU, the fused step of a model with thousands of small tensors is
@@ -302,9 +303,7 @@ def run_all(args) -> int:
     return 0
 
 
-def table(paths) -> str:
-    """The README table: per (tensors, scenario), the median over repeats of the median step
-    time, with the range over repeats and the target; then the conditions."""
+def _read(paths) -> tuple[list, dict]:
     rows = []
     for p in paths:
         with open(p, newline="") as f:
@@ -314,14 +313,31 @@ def table(paths) -> str:
     by_key: dict = {}
     for r in rows:
         by_key.setdefault((int(r["tensors"]), r["scenario"]), []).append(float(r["median_ms"]))
-    lines = ["| tensors | scenario | median ms per step (range over runs) | target ms |",
-             "|---|---|---|---|"]
+    return rows, by_key
+
+
+def _cell(ms) -> str:
+    if not ms:
+        return ""
+    spread = f" ({min(ms):.3f}-{max(ms):.3f})" if len(ms) > 1 else ""
+    return f"{statistics.median(ms):.3f}{spread}"
+
+
+def table(paths, before=None) -> str:
+    """The README table: per (tensors, scenario), the median over repeats of the median step
+    time, with the range over repeats, the same from the `before` CSVs if given, and the target;
+    then the conditions."""
+    rows, by_key = _read(paths)
+    old = _read(before)[1] if before else None
+    lines = ["| tensors | scenario | ms per step: median of runs (range) |"
+             + (" before |" if old else "") + " target ms |",
+             "|---|---|---|" + ("---|" if old else "") + "---|"]
     for (n, scenario), ms in sorted(by_key.items(), key=lambda kv: (kv[0][0],
                                                                      SCENARIOS.index(kv[0][1]))):
-        spread = f" ({min(ms):.3f}-{max(ms):.3f})" if len(ms) > 1 else ""
         target = TARGETS.get((scenario, n))
-        lines.append(f"| {n} | {scenario} | {statistics.median(ms):.3f}{spread} | "
-                     f"{'' if target is None else target} |")
+        lines.append(f"| {n} | {scenario} | {_cell(ms)} |"
+                     + (f" {_cell(old.get((n, scenario)))} |" if old else "")
+                     + f" {'' if target is None else target} |")
     first, last = rows[0], rows[-1]
     loads = sorted({r["load_start"] for r in rows} | {r["load_end"] for r in rows})
     lines += ["", f"Conditions: {first['host']}, 1 thread; Python {first['python']}, torch "
@@ -331,6 +347,10 @@ def table(paths) -> str:
               f"from {loads[0]} to {loads[-1]}; launches per step: "
               f"{', '.join(sorted({r['launches_per_step'] for r in rows}))} "
               f"({', '.join(sorted({r['launch_path'] for r in rows}))})."]
+    if before:
+        b_rows = _read(before)[0]
+        lines.append(f"Before: commit {b_rows[0]['git_sha']}, {b_rows[0]['date']} to "
+                     f"{b_rows[-1]['date']}, same command and machine.")
     return "\n".join(lines)
 
 
@@ -345,6 +365,8 @@ def parse_args(argv=None):
                     help="measure everything this many times, one after the other (default 1)")
     ap.add_argument("--table", nargs="+", metavar="CSV", default=None,
                     help="print the README table of these CSVs and exit")
+    ap.add_argument("--before", nargs="+", metavar="CSV", default=None,
+                    help="with --table: a column of earlier measurements to compare")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma-separated, of {', '.join(SCENARIOS)}")
     ap.add_argument("--steps", type=int, default=0,
@@ -375,7 +397,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.before))
         return 0
     if args.one:
         print(json.dumps(measure_one(args)))

@@ -28,21 +28,31 @@ only when a pointer changes:
   meta   int64 [n_tensors, 5]: x pointer, g pointer, state-buffer pointer, numel, lr slot
   chunks int64 [n_chunks, 2]:  tensor index, first element of the chunk
 Chunks cut every tensor into pieces of at most `chunk` elements, so one huge tensor and a thousand
-tiny ones give balanced programs. Offsets are 64-bit throughout.
+tiny ones give balanced programs; on a GPU the chunk size follows the layout (`cuda_launch_config`,
+bench/NOTES.md). Offsets are 64-bit throughout. Each program reads its pointers from the table and
+takes 16-byte vector loads when all of them are 16-byte aligned, scalar loads otherwise: alignment
+is decided per chunk, so one misaligned tensor does not slow down its dtype group.
+
+This module does not import polyak_fused: the guards' constants (defined once, beside the eager
+references) arrive as arguments of `polyak_step_` (`guards`), and reach the kernels as constexprs.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from array import array
+from operator import is_, itemgetter
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
-# The guards' constants are defined once, beside the eager references.
-from polyak_fused._optimizer import TINY_GRAD_SQ
-from polyak_fused.clipped_sgd import CLIP_EPS
-from polyak_fused.dog import DOG_EPS
+try:
+    from triton import knobs  # Triton >= 3.4
+except ImportError:  # pragma: no cover - older Triton: launch hooks on CompiledKernel
+    knobs = None
 
 # ------------------------------------------------------------------------------------------------
 # Layouts shared with polyak_fused (the order of each optimizer's SCALARS tuple).
@@ -95,26 +105,34 @@ def _nsgdm_beta(step, beta, AGNOSTIC: tl.constexpr):
 
 
 @triton.jit
-def _chunk(meta, chunks, like, chunk_size, ALIGNED: tl.constexpr):
-    """This program's chunk: pointers of x, g and the state buffer, and [start, end).
-    ALIGNED: the host checked that every pointer of the group is 16-byte aligned, so the loads
-    and stores of full blocks can be 16-byte vectors."""
+def _chunk(meta, chunks, chunk_size):
+    """This program's chunk: the addresses of x, g and the state buffer, [start, end), the lr
+    slot, and whether the three addresses are 16-byte aligned (then full blocks can move 16-byte
+    vectors). Chunk starts are multiples of BLOCK elements, so a chunk is aligned when its tensor
+    is: alignment is decided per tensor, at run time, one tensor not slowing down the others."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = meta + META_COLS_C * t
-    ptr_ty = tl.pointer_type(like.dtype.element_ty)
-    x_ptr = tl.load(row + 0).to(ptr_ty)
-    g_ptr = tl.load(row + 1).to(ptr_ty)
-    b_ptr = tl.load(row + 2).to(ptr_ty)
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
+    x_addr = tl.load(row + 0)
+    g_addr = tl.load(row + 1)
+    b_addr = tl.load(row + 2)          # 0 for methods without a state buffer
+    aligned = ((x_addr | g_addr | b_addr) & 15) == 0
     numel = tl.load(row + 3)
     lr_slot = tl.load(row + 4)
     end = tl.minimum(start + chunk_size, numel)
-    return pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot
+    return pid, x_addr, g_addr, b_addr, start, end, lr_slot, aligned
+
+
+@triton.jit
+def _as_ptr(addr, like, ALIGNED: tl.constexpr):
+    """An address from the table as a pointer to the group's dtype. Each call makes its own
+    conversion, so that the alignment hint (which Triton attaches to the op that makes the value)
+    reaches the aligned loop only."""
+    ptr = addr.to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 META_COLS_C = tl.constexpr(META_COLS)
@@ -162,20 +180,10 @@ def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD:
         return g * g, 0.0 * g, 0.0 * g
 
 
-@triton.jit(do_not_specialize=["chunk_size", "n_slots", "slot0"])
-def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, grad_scale, chunk_size, n_slots,
-                   slot0, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, ALIGNED: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B).
-    # Writes one float per chunk and per sum. grad_scale: GradScaler's scale (1.0 without one).
-    pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size, ALIGNED)
-    inv_scale = 1.0 / tl.load(grad_scale)
-    wd = 0.0
-    beta_t = 0.0
-    if METHOD == "dog":
-        wd = tl.load(hparams + 1)
-    if METHOD == "nsgdm":
-        beta_t = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)
+@triton.jit
+def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The block-wise terms of the method's sums over [start, end) (summed by the caller)."""
     acc0 = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
@@ -194,6 +202,34 @@ def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, grad_scale, c
         acc0 += a0
         acc1 += a1
         acc2 += a2
+    return acc0, acc1, acc2
+
+
+# Pointer arguments the caller owns (the first parameter of the group, the scalars, GradScaler's
+# scale, the loss, the inf flag) are not specialised on alignment: none is read with vectors, and
+# the compiled variant then depends on the constexprs alone, which the direct launch relies on.
+@triton.jit(do_not_specialize=["chunk_size", "n_slots", "slot0"],
+            do_not_specialize_on_alignment=["like", "scalars", "grad_scale"])
+def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, grad_scale, chunk_size, n_slots,
+                   slot0, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
+    # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B).
+    # Writes one float per chunk and per sum. grad_scale: GradScaler's scale (1.0 without one).
+    pid, x, g, b, start, end, lr_slot, aligned = _chunk(meta, chunks, chunk_size)
+    inv_scale = 1.0 / tl.load(grad_scale)
+    wd = 0.0
+    beta_t = 0.0
+    if METHOD == "dog":
+        wd = tl.load(hparams + 1)
+    if METHOD == "nsgdm":
+        beta_t = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)
+    if aligned:  # the same loop twice: with 16-byte vector loads, and with scalar ones
+        acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, True), _as_ptr(g, like, True),
+                                         _as_ptr(b, like, True), start, end, inv_scale, wd,
+                                         beta_t, METHOD, BLOCK)
+    else:
+        acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
+                                         _as_ptr(b, like, False), start, end, inv_scale, wd,
+                                         beta_t, METHOD, BLOCK)
     slot = slot0 + pid
     tl.store(partials + slot, tl.sum(acc0, axis=0))
     if METHOD == "dog":
@@ -211,11 +247,14 @@ def _ordered_sum(ptr, n, BLOCK: tl.constexpr):
     return total
 
 
-@triton.jit(do_not_specialize=["n_slots"])
+@triton.jit(do_not_specialize=["n_slots"],
+            do_not_specialize_on_alignment=["partials", "loss_ptr", "found_inf", "scalars"])
 def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, coefs,
                       METHOD: tl.constexpr, HAS_LOSS: tl.constexpr, TRACK_BEST: tl.constexpr,
-                      AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
+                      AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr, TINY_GRAD_SQ: tl.constexpr,
+                      DOG_EPS: tl.constexpr, CLIP_EPS: tl.constexpr):
     # Traffic: reads the partials (4 B per chunk and sum); a few scalars otherwise.
+    # TINY_GRAD_SQ, DOG_EPS, CLIP_EPS: the guards' constants, passed by the caller (`guards`).
     s0 = _ordered_sum(partials, n_slots, BLOCK)                 # sum g^2 (DoG: sum d^2)
     step = tl.load(scalars + 0)
     ok = _is_finite(s0) & (tl.load(found_inf) == 0.0)         # GradScaler found an inf: skip
@@ -223,7 +262,7 @@ def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, 
     if HAS_LOSS:
         loss = tl.load(loss_ptr).to(tl.float32)
         ok = ok & _is_finite(loss)
-    zero_grad = s0 <= TINY_GRAD_SQ_C
+    zero_grad = s0 <= TINY_GRAD_SQ
     safe_s0 = tl.where(zero_grad, 1.0, s0)
     aux = 0.0
     if METHOD == "inexact_polyak":
@@ -264,14 +303,14 @@ def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, 
         x0_sq = _ordered_sum(partials + 2 * n_slots, n_slots, BLOCK)
         r_eps = tl.load(hparams + 0) * (1.0 + tl.sqrt(x0_sq))
         rbar = tl.maximum(tl.maximum(tl.load(scalars + 3), tl.sqrt(dist_sq)), r_eps)
-        G = tl.load(scalars + 4) + s0 + tl.where(step == 0.0, DOG_EPS_C, 0.0)
+        G = tl.load(scalars + 4) + s0 + tl.where(step == 0.0, DOG_EPS, 0.0)
         eta = rbar / tl.sqrt(G)
         tl.store(scalars + 3, tl.where(ok, rbar, tl.load(scalars + 3)))
         tl.store(scalars + 4, tl.where(ok, G, tl.load(scalars + 4)))
     elif METHOD == "clipped_sgd":
         # kappa = min(1, c / (||g|| + 1e-6)); hparams = [c, momentum]; scalars[2:4] = norm, kappa
         norm = tl.sqrt(s0)
-        eta = tl.minimum(tl.load(hparams + 0) / (norm + CLIP_EPS_C), 1.0)
+        eta = tl.minimum(tl.load(hparams + 0) / (norm + CLIP_EPS), 1.0)
         tl.store(scalars + 2, tl.where(ok, norm, tl.load(scalars + 2)))
     else:  # nsgdm: eta = s_t / ||m_t||, s_t = 1 or t^(-3/4); aux = beta_t; hparams = [beta]
         aux = _nsgdm_beta(step, tl.load(hparams + 0), AGNOSTIC)
@@ -289,11 +328,6 @@ def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, 
     tl.store(coefs + 0, tl.where(ok, 1.0, 0.0))
     tl.store(coefs + 1, eta)
     tl.store(coefs + 2, aux)
-
-
-TINY_GRAD_SQ_C = tl.constexpr(TINY_GRAD_SQ)
-DOG_EPS_C = tl.constexpr(DOG_EPS)
-CLIP_EPS_C = tl.constexpr(CLIP_EPS)
 
 
 @triton.jit
@@ -326,13 +360,29 @@ def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
     _store(x_ptr, idx, x_new, mask, MASKED)
 
 
-@triton.jit(do_not_specialize=["chunk_size"])
+@triton.jit
+def _update_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, lr, eta, aux, hp1,
+                  METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    n_full = (end - start) // BLOCK * BLOCK
+    for off in range(0, n_full, BLOCK):
+        idx, mask = _block_indices(start, off, end, BLOCK)
+        _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
+                      TRACK_BEST, MOMENTUM, False)
+    if n_full < end - start:
+        idx, mask = _block_indices(start, n_full, end, BLOCK)
+        _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
+                      TRACK_BEST, MOMENTUM, True)
+
+
+@triton.jit(do_not_specialize=["chunk_size"],
+            do_not_specialize_on_alignment=["like", "grad_scale"])
 def _update_kernel(meta, chunks, like, coefs, lrs, hparams, grad_scale, chunk_size,
                    METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr):
     # Traffic (fp32): reads x, g, writes x: 12N B. Momentum methods also read and write m:
     # +8N B. Best tracking writes x_best (+4N B) on the steps that improve on the best loss.
-    pid, x_ptr, g_ptr, b_ptr, start, end, lr_slot = _chunk(meta, chunks, like, chunk_size, ALIGNED)
+    pid, x, g, b, start, end, lr_slot, aligned = _chunk(meta, chunks, chunk_size)
     ok = tl.load(coefs + 0)
     if ok != 0.0:  # a skipped step leaves every tensor bitwise unchanged
         eta = tl.load(coefs + 1)
@@ -342,59 +392,140 @@ def _update_kernel(meta, chunks, like, coefs, lrs, hparams, grad_scale, chunk_si
         hp1 = 0.0
         if METHOD == "dog" or METHOD == "clipped_sgd":
             hp1 = tl.load(hparams + 1)
-        n_full = (end - start) // BLOCK * BLOCK
-        for off in range(0, n_full, BLOCK):
-            idx, mask = _block_indices(start, off, end, BLOCK)
-            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
-                          TRACK_BEST, MOMENTUM, False)
-        if n_full < end - start:
-            idx, mask = _block_indices(start, n_full, end, BLOCK)
-            _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
-                          TRACK_BEST, MOMENTUM, True)
+        if aligned:  # the same loop twice: with 16-byte vectors, and with scalars
+            _update_range(_as_ptr(x, like, True), _as_ptr(g, like, True), _as_ptr(b, like, True),
+                          start, end, inv_scale, lr, eta, aux, hp1, METHOD, TRACK_BEST, MOMENTUM,
+                          BLOCK)
+        else:
+            _update_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
+                          _as_ptr(b, like, False), start, end, inv_scale, lr, eta, aux, hp1,
+                          METHOD, TRACK_BEST, MOMENTUM, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
-def _launch_config(device: torch.device) -> dict:
-    """Chunk and block sizes. On CPU (the Triton interpreter) small chunks keep tests quick; the
-    GPU values are first guesses awaiting the benchmark (bench/NOTES.md)."""
+#: Under the Triton interpreter (CPU): small chunks keep the tests quick and make a tensor of more
+#: than 4096 elements span several chunks.
+CPU_CONFIG = dict(chunk=4096, block=1024, num_warps=4)
+#: On a GPU a program streams its chunk GPU_BLOCK elements per loop trip with 8 warps (8 elements
+#: per thread: two 16-byte vectors of fp32, one of bf16).
+GPU_BLOCK, GPU_WARPS = 2048, 8
+#: The chunk-size model (bench/NOTES.md, "Chunk size from the layout"): a launch runs in waves of
+#: n_sms x PROGRAMS_PER_SM resident programs; in the last, partly filled wave a few programs
+#: stream their chunks alone (the tail). With at least WAVES waves the tail is a small part of
+#: the launch. A chunk is never below MIN_CHUNK (a program must stream enough to hide its start:
+#: two dependent table loads) nor above MAX_CHUNK.
+WAVES, PROGRAMS_PER_SM = 8, 4
+MIN_CHUNK, MAX_CHUNK = 4 * GPU_BLOCK, 32 * GPU_BLOCK
+#: Floating-point contraction (FMA) in the kernels, chosen explicitly: Triton <= 3.9 fuses by
+#: default and 3.10 will not, which would change results bitwise. Fused: one rounding fewer in
+#: x - lr*eta*g, and the results every released version of this package computed.
+FP_FUSION = True
+#: A step checks the pointers and sizes of SPOT_CHECKS_PER_STEP of its n tensors, in turn: a
+#: tensor that moved while its old storage stayed alive is found within n / SPOT_CHECKS_PER_STEP
+#: steps (one whose old storage was freed, at the next step: _Plan._watch). A constant, so that
+#: a step that needs no per-tensor pass (flat gradients) does not grow with n.
+SPOT_CHECKS_PER_STEP = 2
+
+
+def cuda_launch_config(numels, n_sms: int) -> dict:
+    """Chunk, block and warps for one dtype group of tensors of `numels` elements on a GPU with
+    `n_sms` SMs: the largest power-of-two chunk in [MIN_CHUNK, MAX_CHUNK] that still cuts the
+    group into WAVES x n_sms x PROGRAMS_PER_SM chunks."""
+    target = sum(numels) // (WAVES * n_sms * PROGRAMS_PER_SM)
+    chunk = MIN_CHUNK
+    while chunk * 2 <= min(target, MAX_CHUNK):
+        chunk *= 2
+    return dict(chunk=chunk, block=GPU_BLOCK, num_warps=GPU_WARPS)
+
+
+def _launch_config(device: torch.device, numels) -> dict:
     if device.type == "cuda":
-        return dict(chunk=65536, block=2048, num_warps=8)
-    return dict(chunk=4096, block=1024, num_warps=4)
+        n_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return cuda_launch_config(numels, n_sms)
+    return dict(CPU_CONFIG)
 
 
-def _to_device(values, dtype, device) -> torch.Tensor:
-    """A host list as a device tensor. On CUDA the copy goes through pinned memory and does not
-    block the host (torch's pinned-memory allocator keeps the buffer alive until it is done)."""
-    host = torch.tensor(values, dtype=dtype)
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device. On CUDA the copy goes through pinned memory and does not block
+    the host (torch's pinned-memory allocator keeps the buffer alive until it is done)."""
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 
 
-class _Group:
-    """The device tables of one dtype group. `direct` lists (row, param index) of the tensors
-    whose gradient pointer sits in the table (the others go through staging buffers)."""
+def _int64_table(rows: list, device) -> torch.Tensor:
+    return _to_device(torch.tensor(rows, dtype=torch.int64), device)
 
-    def __init__(self, dtype, meta, chunks, n_chunks, slot0, like, staged, direct):
-        self.dtype, self.meta, self.chunks = dtype, meta, chunks
-        self.n_chunks, self.slot0, self.like, self.staged = n_chunks, slot0, like, staged
+
+_data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, \
+    torch.Tensor.is_contiguous
+
+
+class _Group:
+    """The device tables of one dtype group and their host copies. `direct` lists the parameter
+    index of each table row whose tensors are read in place (the others, not contiguous, go
+    through the staging buffers of `staged`)."""
+
+    def __init__(self, dtype, rows, chunk_rows, cfg, slot0, like, staged, direct, device):
+        self.dtype, self.cfg, self.slot0, self.like, self.staged = dtype, cfg, slot0, like, staged
+        self.meta = _int64_table(rows, device)
+        self.chunks = _int64_table(chunk_rows, device)
+        self.n_chunks = len(chunk_rows)
         self.direct = direct
-        self.direct_rows = _to_device([r for r, _ in direct], torch.int64, meta.device)
-        self.aligned = False  # set by the plan: every pointer 16-byte aligned
+        self.direct_rows = _int64_table([r for r, _ in direct], device) if direct else None
+        self.take_direct = itemgetter(*[i for _, i in direct]) if direct else None
+        # host copies of the direct rows, for the spot checks
+        self.x_ptrs = [rows[r][0] for r, _ in direct]
+        self.g_ptrs = [rows[r][1] for r, _ in direct]
+        self.b_ptrs = [rows[r][2] for r, _ in direct]
+        self.numels = [rows[r][3] for r, _ in direct]
+
+    def direct_grads(self, grads) -> tuple:
+        picked = self.take_direct(grads)
+        return picked if len(self.direct) > 1 else (picked,)
+
+    def write_grad_ptrs(self, ptrs: array, device) -> None:
+        """New gradient pointers of the direct rows, in their order: one copy to the device."""
+        host = torch.frombuffer(ptrs, dtype=torch.int64)
+        self.meta[:, 1].index_copy_(0, self.direct_rows, _to_device(host, device))
+        self.g_ptrs = ptrs
 
 
 class _Plan:
-    """Everything a step needs that does not change while the pointers stay the same."""
+    """Everything a step needs that does not change while the tensors stay where they are: the
+    tables, the scratch buffers, and what they were built from (`params`, `buf` as tuples,
+    `lr_slots`, the gradients' token), against which each step's arguments are checked
+    (`_current_plan`).
 
-    def __init__(self, method, params, grads, buf, lr_slots, n_lr_slots, hparams, device):
-        cfg = _launch_config(device)
-        assert cfg["chunk"] % cfg["block"] == 0, "chunks must start on block boundaries"
-        self.cfg = cfg
-        self.device = device
+    How a tensor that moved is found, and what it costs per step:
+      * a new parameter or state-buffer object: the step's sequences differ from the ones kept
+        here (nothing to compare when the caller hands over the very tuples the plan kept:
+        `_same`). New gradients (the caller's token changed, or no token) only rewrite the
+        gradient column (`set_grads`).
+      * a parameter or state buffer whose memory changed in place (``p.data = other``, a module's
+        ``.to()`` or ``.half()``, ``torch.utils.swap_tensors``): a weak reference to the storage
+        the tables point at fires when that storage is freed; the plan is rebuilt at the next
+        step. Gradients get the same watch once they have stayed the same for a step (watching
+        gradients that are replaced every step would cost a pass per step); a freed one makes the
+        next step reread the gradient pointers.
+      * the same while another tensor keeps the old storage alive (so nothing is freed): the spot
+        check compares the pointers and size of SPOT_CHECKS_PER_STEP tensors per step, in turn,
+        and finds the move within n / SPOT_CHECKS_PER_STEP steps."""
+
+    def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device, grads_token):
+        self.method, self.hp, self.device = method, hp, device
+        self.params = tuple(params)
+        self.grads_token = grads_token  # the caller's token of the gradients the tables point at
+        self.buf = tuple(buf) if buf is not None else None
+        self.lr_slots, self.n_lr_slots = lr_slots, n_lr_slots
+        self.moved = [False]        # set when a watched parameter or buffer storage is freed
+        self.grads_moved = [False]  # likewise for a watched gradient storage
+        self._watches: list = []
+        self._grad_watches: list | None = None  # None: the current gradients are not watched
         self.n_sums = N_SUMS.get(method, 1)
-        self.groups = []
+        self.groups: list[_Group] = []
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -403,13 +534,27 @@ class _Plan:
             by_dtype.setdefault(p.dtype, []).append(i)
         slot0 = 0
         for dtype, idxs in by_dtype.items():
+            cfg = _launch_config(device, [params[i].numel() for i in idxs])
+            assert cfg["chunk"] % cfg["block"] == 0, "chunks must start on block boundaries"
             rows, chunk_rows, staged, direct, like = [], [], [], [], None
             for i in idxs:
-                if params[i].numel() == 0:
-                    continue
                 x, g, b = params[i], grads[i], (buf[i] if buf is not None else None)
-                stage = [not t.is_contiguous() for t in (x, g, b) if t is not None]
-                if any(stage):  # copy through contiguous buffers (rare: strided parameters)
+                if g.layout != torch.strided:
+                    raise RuntimeError(f"the fused path does not support sparse gradients "
+                                       f"(tensor {i}: {g.layout})")
+                for what, t in (("gradient", g), ("state", b)):
+                    if t is not None and t.dtype != x.dtype:  # one dtype per table row
+                        raise RuntimeError(
+                            f"Invalid {what} dtype: {t.dtype} for a {x.dtype} parameter (tensor "
+                            f"{i}); the fused path needs them equal (was the parameter cast "
+                            f"after the optimizer made its state?)")
+                self._watch(x, self.moved, self._watches)
+                if b is not None:
+                    self._watch(b, self.moved, self._watches)
+                if x.numel() == 0:
+                    continue
+                if not all(map(_is_contiguous, (t for t in (x, g, b) if t is not None))):
+                    # copied through contiguous buffers (rare: strided parameters)
                     sx = torch.empty(x.shape, dtype=x.dtype, device=device)
                     sg = torch.empty(x.shape, dtype=x.dtype, device=device)
                     sb = torch.empty(x.shape, dtype=x.dtype, device=device) if b is not None else None
@@ -423,23 +568,103 @@ class _Plan:
                              x.numel(), lr_slots[i]])
                 for start in range(0, x.numel(), cfg["chunk"]):
                     chunk_rows.append([t, start])
-            if not chunk_rows:
-                continue
-            meta = _to_device(rows, torch.int64, device)
-            chunks = _to_device(chunk_rows, torch.int64, device)
-            grp = _Group(dtype, meta, chunks, len(chunk_rows), slot0, like, staged, direct)
-            grp.aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:3])
-            self.groups.append(grp)
-            slot0 += len(chunk_rows)
+            if chunk_rows:
+                self.groups.append(_Group(dtype, rows, chunk_rows, cfg, slot0, like, staged,
+                                          direct, device))
+                slot0 += len(chunk_rows)
         self.n_slots = max(slot0, 1)
         self.partials = torch.zeros(self.n_sums * self.n_slots, dtype=torch.float32, device=device)
         self.coefs = torch.zeros(3, dtype=torch.float32, device=device)
         # What the kernels read when no GradScaler hands over a scale and an inf flag.
         self.no_scale = torch.ones(1, dtype=torch.float32, device=device)
         self.no_inf = torch.zeros(1, dtype=torch.float32, device=device)
-        self.hparams = _to_device(hparams, torch.float32, device)
+        self.hparams = _to_device(torch.tensor(hp, dtype=torch.float32), device)
         self.lrs = torch.zeros(n_lr_slots, dtype=torch.float32, device=device)
         self.lr_values: list = [None] * n_lr_slots
+        self.spot = [(grp, j, i) for grp in self.groups for j, (_, i) in enumerate(grp.direct)]
+        self.spot_per_step = SPOT_CHECKS_PER_STEP
+        self.spot_next = 0
+
+    def _watch(self, t: torch.Tensor, flag: list, into: list) -> None:
+        """Set flag[0] when the storage `t` uses now is freed."""
+        def freed(_ref):
+            flag[0] = True
+
+        try:
+            into.append(weakref.ref(t.untyped_storage(), freed))
+        except (TypeError, RuntimeError):  # nothing to watch: check every tensor at every step
+            self.spot_per_step = 1 << 62
+
+    def fits(self, method, hp, params, buf, lr_slots, n_lr_slots) -> bool:
+        """Whether the tables describe these parameters and buffers, as they are now."""
+        return (not self.moved[0] and self.method == method and self.hp == hp
+                and self.n_lr_slots == n_lr_slots
+                and (self.lr_slots is lr_slots or self.lr_slots == tuple(lr_slots))
+                and _same(self.params, params) and _same(self.buf, buf))
+
+    def follow_grads(self, grads, token) -> bool:
+        """Make the gradient column point at `grads`; False if the plan must be rebuilt. `token`
+        (None from callers that give none) is the caller's promise: the same token as when the
+        column was written means the same gradient tensors."""
+        if token is not None and token is self.grads_token and not self.grads_moved[0]:
+            if self._grad_watches is None:  # the same gradients two steps running: watch them
+                self._grad_watches = []
+                for grp in self.groups:
+                    for g in grp.direct_grads(grads) if grp.direct else ():
+                        self._watch(g, self.grads_moved, self._grad_watches)
+            return True
+        if not self.set_grads(grads):
+            return False
+        self.grads_token = token
+        return True
+
+    def set_grads(self, grads) -> bool:
+        """Point the tables at new gradient tensors (same parameters); False when the plan must
+        be rebuilt instead (a different count, or a gradient that is not contiguous)."""
+        if len(grads) != len(self.params):
+            return False
+        self._grad_watches, self.grads_moved[0] = None, False  # the old ones may be freed now
+        for grp in self.groups:
+            if grp.direct:
+                new = grp.direct_grads(grads)
+                if not all(map(_is_contiguous, new)):
+                    return False
+                grp.write_grad_ptrs(array("q", map(_data_ptr, new)), self.device)
+        return True
+
+    def spot_check(self, params, grads, buf) -> bool:
+        """Whether the next few tensors are still where the tables say (see the class doc)."""
+        start = self.spot_next
+        end = start + self.spot_per_step
+        for grp, j, i in self.spot[start:end]:
+            if (params[i].data_ptr() != grp.x_ptrs[j] or grads[i].data_ptr() != grp.g_ptrs[j]
+                    or (buf is not None and buf[i].data_ptr() != grp.b_ptrs[j])
+                    or params[i].numel() != grp.numels[j]):
+                return False
+        self.spot_next = end if end < len(self.spot) else 0
+        return True
+
+
+def _same(kept: tuple | None, given) -> bool:
+    """Whether `given` holds the objects of `kept` (a tuple the plan made with tuple(given)): free
+    when `given` is that tuple itself, which is immutable; element by element otherwise."""
+    if given is kept:
+        return True
+    if kept is None or given is None:
+        return False
+    return len(kept) == len(given) and all(map(is_, kept, given))
+
+
+def _current_plan(cache, method, hp, params, grads, buf, lr_slots, n_lr_slots, device) -> _Plan:
+    """The cached plan if it still describes these tensors (its gradient column rewritten if only
+    the gradients changed), else a new one."""
+    plan = cache.get("plan")
+    token = cache.get("grads_token")
+    if (plan is None or not plan.fits(method, hp, params, buf, lr_slots, n_lr_slots)
+            or not plan.follow_grads(grads, token) or not plan.spot_check(params, grads, buf)):
+        plan = _Plan(method, hp, params, grads, buf, tuple(lr_slots), n_lr_slots, device, token)
+        cache["plan"] = plan
+    return plan
 
 
 def _lr_slots(lrs):
@@ -452,7 +677,7 @@ def _lr_slots(lrs):
             slot_of[key] = len(first_of_slot)
             first_of_slot.append(i)
         slots.append(slot_of[key])
-    return slots, first_of_slot
+    return tuple(slots), first_of_slot
 
 
 def _refresh_lrs(plan: _Plan, values) -> None:
@@ -468,14 +693,79 @@ def _refresh_lrs(plan: _Plan, values) -> None:
             plan.lr_values[i] = v
 
 
+# ------------------------------------------------------------------------------------------------
+# Launches
+# ------------------------------------------------------------------------------------------------
+#: Compiled kernels by (id(kernel), constexpr values, num_warps, device index), for direct
+#: launches.
+_COMPILED: dict = {}
+
+
+def _launcher():
+    """(device index, stream) for this step's direct launches, or None where kernels must be
+    launched through kernel[grid] every time: under the interpreter, and while a launch hook
+    (a profiler) is installed, so that it sees every launch."""
+    if not isinstance(_update_kernel, triton.runtime.JITFunction):
+        return None
+    hooks = knobs.runtime if knobs is not None else triton.compiler.CompiledKernel
+    if _hook_set(hooks.launch_enter_hook) or _hook_set(hooks.launch_exit_hook):
+        return None
+    device = driver.active.get_current_device()
+    return device, driver.active.get_current_stream(device)
+
+
+def _hook_set(hook) -> bool:
+    """Triton >= 3.5 keeps launch hooks in a HookChain (empty when none is set); older versions
+    keep one callable or None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launch(kernel, n_programs: int, args: tuple, consts: tuple, num_warps: int, where) -> None:
+    """kernel[(n_programs,)](*args, <constexprs>), with `args` the runtime arguments and `consts`
+    the constexpr values, in the kernel's parameter order (every kernel here lists its
+    constexprs last).
+
+    Once that has compiled the variant, later launches call the compiled kernel's launcher
+    directly: JITFunction.run binds, specialises and looks the variant up on every launch (8-9 us
+    on the CPU of bench/NOTES.md, against about 1.5 us for the launcher itself). This is safe
+    because the variant depends on the constexprs and launch options alone: the integer
+    arguments are not specialised (do_not_specialize), and the pointer arguments are either
+    tables this module allocates (always 16-byte aligned) or not specialised on alignment."""
+    # keyed on id(kernel): hashing a JITFunction computes its cache key (microseconds)
+    key = (id(kernel), consts, num_warps, None if where is None else where[0])
+    compiled = _COMPILED.get(key) if where is not None else None
+    if compiled is None:
+        names = kernel.arg_names[len(args):]
+        compiled = kernel[(n_programs,)](*args, **dict(zip(names, consts)), num_warps=num_warps,
+                                         enable_fp_fusion=FP_FUSION)
+        if where is not None and isinstance(compiled, triton.compiler.CompiledKernel):
+            _COMPILED[key] = compiled
+        return
+    compiled.run(n_programs, 1, 1, where[1], compiled.function, compiled.packed_metadata, None,
+                 None, None, *args, *consts)
+
+
 def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: torch.Tensor,
                  hparams: dict, cache: dict | None = None, reduce=None, grad_scale=None,
-                 found_inf=None) -> None:
-    """One fused step of `method` over flat lists, in place. `buffers` maps the method's one state
-    buffer name (x_best, x0 or momentum) to its list; `scalars` is the packed fp32 scalar state;
-    `reduce(loss, *totals)`, if given, combines the loss and the sums across ranks.
+                 found_inf=None, *, guards: dict) -> None:
+    """One fused step of `method` over flat sequences, in place.
+
+    `buffers` maps the method's one state buffer name (x_best, x0 or momentum) to its sequence;
+    `lrs` gives each tensor's lr (a float or a one-element tensor), either as a sequence or as an
+    object with `slots` (a tuple: the lr slot of each tensor) and `values()` (the current lr of
+    each slot), which spares a per-tensor pass; `scalars` is the packed fp32 scalar state;
+    `reduce(loss, *totals)`, if given, combines the loss and the sums across ranks;
     `grad_scale` (a one-element device tensor, GradScaler's scale): the kernels divide every
-    gradient by it as they load it. `found_inf` (likewise): non-zero skips the step."""
+    gradient by it as they load it; `found_inf` (likewise): non-zero skips the step;
+    `guards`: the guards' constants ``tiny_grad_sq``, ``dog_eps``, ``clip_eps``.
+
+    `cache` keeps the plan (tables) between steps; the plan holds the parameters and buffers,
+    never the gradients (they may be freed between steps). What a step checks, per tensor:
+      * parameters and buffers: nothing when they come in the very tuples of the last step
+        (tuples do not change in place), else an identity comparison;
+      * gradients: their pointers are read again, unless `cache["grads_token"]` is the object
+        it was at the last step: a caller that sets it (the optimizers do, in _collect) promises
+        that the same token means the same gradient tensors."""
     if method not in METHODS:
         raise ValueError(f"unknown method: {method!r}")
     if scalars.dtype != torch.float32:
@@ -483,30 +773,14 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     buf = next(iter(buffers.values())) if buffers else None
     device = scalars.device
     cache = {} if cache is None else cache
-    lr_ids = tuple(map(id, lrs))
-    if cache.get("lr_ids") != lr_ids:
-        cache["lr_ids"], cache["lr_slots"] = lr_ids, _lr_slots(lrs)
-    lr_slots, first_of_slot = cache["lr_slots"]
-    lr_values = [lrs[i] for i in first_of_slot]
+    lr_slots = getattr(lrs, "slots", None)
+    if lr_slots is not None:
+        lr_values = lrs.values()
+    else:
+        lr_slots, first_of_slot = _lr_slots(lrs)
+        lr_values = [lrs[i] for i in first_of_slot]
     hp = _hparam_values(method, hparams)
-    # The tables depend on the parameters and state buffers (stable for a whole run) and on the
-    # gradient pointers, which change when zero_grad(set_to_none=True) frees the grads and the
-    # allocator hands back other addresses: then only the gradient column is rewritten.
-    data_ptr = torch.Tensor.data_ptr
-    key = (method, tuple(hp), tuple(lr_slots), tuple(map(data_ptr, params)),
-           tuple(map(torch.Tensor.numel, params)), tuple(map(data_ptr, buf)) if buf else None)
-    grad_key = tuple(map(data_ptr, grads))
-    plan = cache.get("plan")
-    if plan is None or cache.get("key") != key:
-        plan = _Plan(method, params, grads, buf, lr_slots, len(lr_values), hp, device)
-        cache["plan"], cache["key"], cache["grad_key"] = plan, key, grad_key
-    elif cache.get("grad_key") != grad_key:
-        for grp in plan.groups:
-            if grp.direct:
-                new = [grads[i].data_ptr() for _, i in grp.direct]
-                grp.meta[:, 1].index_copy_(0, grp.direct_rows, _to_device(new, torch.int64, device))
-                grp.aligned = grp.aligned and all(ptr % 16 == 0 for ptr in new)
-        cache["grad_key"] = grad_key
+    plan = _current_plan(cache, method, hp, params, grads, buf, lr_slots, len(lr_values), device)
     _refresh_lrs(plan, lr_values)
 
     for grp in plan.groups:
@@ -519,15 +793,15 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     track_best = bool(hparams.get("track_best", False))
     momentum = method == "nsgdm" or (method == "clipped_sgd" and hparams["momentum"] > 0)
     agnostic = hparams.get("schedule") == "agnostic"
-    cfg = plan.cfg
+    where = _launcher()
     scale_arg = plan.no_scale if grad_scale is None else grad_scale.to(device, torch.float32)
     inf_arg = plan.no_inf if found_inf is None else found_inf.to(device, torch.float32)
     for grp in plan.groups:
-        _reduce_kernel[(grp.n_chunks,)](
-            grp.meta, grp.chunks, grp.like, plan.partials, scalars, plan.hparams, scale_arg,
-            cfg["chunk"],
-            plan.n_slots, grp.slot0, METHOD=method, AGNOSTIC=agnostic, ALIGNED=grp.aligned,
-            BLOCK=cfg["block"], num_warps=cfg["num_warps"])
+        cfg = grp.cfg
+        _launch(_reduce_kernel, grp.n_chunks,
+                (grp.meta, grp.chunks, grp.like, plan.partials, scalars, plan.hparams, scale_arg,
+                 cfg["chunk"], plan.n_slots, grp.slot0),
+                (method, agnostic, cfg["block"]), cfg["num_warps"], where)
 
     partials, n_slots = plan.partials, plan.n_slots
     if reduce is not None:  # distributed: the totals of this rank, then one all-reduce
@@ -535,17 +809,18 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
         loss, *totals = reduce(loss, *totals.unbind())
         partials, n_slots = torch.stack(totals).to(torch.float32).contiguous(), 1
     has_loss = loss is not None
-    loss_arg = loss.to(torch.float32) if has_loss else scalars
-    _step_size_kernel[(1,)](
-        partials, n_slots, loss_arg, inf_arg, scalars, plan.hparams, plan.coefs, METHOD=method,
-        HAS_LOSS=has_loss, TRACK_BEST=track_best, AGNOSTIC=agnostic, BLOCK=1024)
+    loss_arg = (loss if loss.dtype == torch.float32 else loss.float()) if has_loss else scalars
+    _launch(_step_size_kernel, 1,
+            (partials, n_slots, loss_arg, inf_arg, scalars, plan.hparams, plan.coefs),
+            (method, has_loss, track_best, agnostic, 1024, guards["tiny_grad_sq"],
+             guards["dog_eps"], guards["clip_eps"]), 4, where)
 
     for grp in plan.groups:
-        _update_kernel[(grp.n_chunks,)](
-            grp.meta, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams, scale_arg,
-            cfg["chunk"],
-            METHOD=method, TRACK_BEST=track_best, MOMENTUM=momentum, ALIGNED=grp.aligned,
-            BLOCK=cfg["block"], num_warps=cfg["num_warps"])
+        cfg = grp.cfg
+        _launch(_update_kernel, grp.n_chunks,
+                (grp.meta, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams, scale_arg,
+                 cfg["chunk"]),
+                (method, track_best, momentum, cfg["block"]), cfg["num_warps"], where)
 
     for grp in plan.groups:
         for i, sx, sg, sb in grp.staged:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from itertools import chain
+import weakref
+from collections.abc import Sequence
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not
 from typing import Callable
 
 import torch
@@ -29,6 +32,98 @@ TINY_GRAD_SQ = 1e-16
 #: Scalars every optimizer keeps: the number of steps taken and the number skipped because
 #: the loss or a gradient was not finite.
 COMMON_SCALARS = ("step", "skipped")
+
+
+_grad_of = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+
+
+def _same_objects(a, b) -> bool:
+    """Whether two sequences hold the same objects, in order (identity, not ==)."""
+    return a is b or (len(a) == len(b) and all(map(is_, a, b)))
+
+
+class _LrsByGroup(Sequence):
+    """The lr of each tensor of a step, read from its param group when asked, so that a
+    scheduler's change is seen without a per-tensor pass. `slots`: the group index of each tensor
+    (the fused launcher keys its lr table on it); `values()`: the current lr of every group."""
+
+    __slots__ = ("groups", "slots")
+
+    def __init__(self, groups: list, slots: tuple):
+        self.groups, self.slots = groups, slots
+
+    def __len__(self):
+        return len(self.slots)
+
+    def __getitem__(self, i):
+        return self.groups[self.slots[i]]["lr"]
+
+    def values(self) -> list:
+        return [group["lr"] for group in self.groups]
+
+
+class _NoGrad:
+    pass
+
+
+#: A dead weak reference (calling it gives None), kept for a parameter without .grad.
+_NO_GRAD = weakref.ref(_NoGrad())
+_deref = weakref.ReferenceType.__call__
+#: While the gradients change at every step, _collect looks every REPROBE_STEPS steps (with weak
+#: references, which cost a pass to make) whether they stopped changing.
+REPROBE_STEPS = 8
+
+
+class _Collected:
+    """What _collect saw at the last step: the param_groups list and each group's params list,
+    which params had a .grad, the params and lrs it returned, the token of those gradients (a new
+    object whenever one changed), and the gradients themselves, to recognise them:
+      * `kept` (the .grad of every param, None included) once they have been the same objects
+        two steps running: the caller holds them too, so keeping them costs no memory (until
+        something drops them: then they are released at the next step, or by zero_grad());
+      * else, every REPROBE_STEPS steps, `probe`: weak references, which do not keep gradients
+        that are dropped between steps (a dead one gives None, so the pattern of gradients
+        present is compared too);
+      * else nothing: the next step cannot tell, and counts as a change."""
+
+    __slots__ = ("groups", "group_params", "has_grad", "all_have", "kept", "probe", "params",
+                 "lrs", "token", "changes")
+
+    def __init__(self, groups, group_params, group_grads, has_grad, params, lrs, changes):
+        self.groups, self.group_params, self.has_grad = groups, group_params, has_grad
+        self.all_have = [all(has) for has in has_grad]
+        self.params, self.lrs, self.token, self.changes = params, lrs, object(), changes
+        self.kept = None
+        self.probe = None if changes % REPROBE_STEPS else [
+            list(map(weakref.ref, gs)) if every else
+            [weakref.ref(g) if g is not None else _NO_GRAD for g in gs]
+            for gs, every in zip(group_grads, self.all_have)]
+
+    def unchanged(self, groups, group_params, group_grads) -> bool:
+        """Whether these are the params lists and .grad objects seen last time."""
+        if (groups is not self.groups or len(group_params) != len(self.group_params)
+                or not all(map(is_, group_params, self.group_params))):
+            return False
+        if self.kept is not None:
+            return all(all(map(is_, gs, kept)) for gs, kept in zip(group_grads, self.kept))
+        if self.probe is None:
+            return False
+        for gs, has, refs in zip(group_grads, self.has_grad, self.probe):
+            if (list(map(is_not, gs, repeat(None))) != has
+                    or not all(map(is_, gs, map(_deref, refs)))):
+                return False
+        self.kept, self.probe = group_grads, None  # the same two steps running: keep them
+        return True
+
+    def grads(self, group_grads) -> list:
+        """The grads of the params that have one, from each group's list of .grad."""
+        if len(group_grads) == 1 and self.all_have[0]:
+            return group_grads[0]
+        out = []
+        for gs, has, every in zip(group_grads, self.has_grad, self.all_have):
+            out += gs if every else compress(gs, has)
+        return out
 
 
 def check_number(name: str, value, *, low=None, high=None, low_open=False, allow_inf=False):
@@ -369,27 +464,56 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
 
     # ---- step ---------------------------------------------------------------------------------
     def _collect(self):
-        """Params with a gradient, their grads, and per-param group lrs; validates first.
-        (This loop and the next are the host's per-tensor work on every step: keep them lean.)"""
-        params, grads, lrs = [], [], []
-        for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    if g.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    params.append(p)
-                    grads.append(g)
-                    lrs.append(lr)
+        """Params with a gradient, their grads, and each one's lr (by param group); validates.
+
+        This is the host's per-tensor work on every step: one pass reading every .grad. When
+        every param group holds the same params list and every param the same .grad object (or
+        None) as at the last step, the params tuple and the gradients' token stay the same, and
+        the fused launcher knows that its tables still hold without looking at each tensor."""
+        groups = self.param_groups
+        group_params = [group["params"] for group in groups]
+        group_grads = [list(map(_grad_of, params)) for params in group_params]
+        seen = self._fused_cache.get("collected")
+        if seen is not None and seen.unchanged(groups, group_params, group_grads):
+            self._fused_cache["grads_token"] = seen.token
+            return seen.params, seen.grads(group_grads), seen.lrs
+        params, grads, slots, has_grad = [], [], [], []
+        for k, (ps, gs) in enumerate(zip(group_params, group_grads)):
+            has = list(map(is_not, gs, repeat(None)))
+            has_grad.append(has)
+            if all(has):
+                params += ps
+                grads += gs
+                slots += [k] * len(ps)
+            else:
+                params += compress(ps, has)
+                grads += compress(gs, has)
+                slots += [k] * sum(has)
+        same_params = seen is not None and _same_objects(seen.params, params)
+        # A sparse gradient is refused here, before _param_set makes any state; except when the
+        # last step took the fused path with these parameters: then the launcher refuses it
+        # itself, before it launches anything, and this pass over the grads is saved.
+        last = self._fused_cache.get("param_set")
+        if not (same_params and last is not None and last[2]) and any(map(_is_sparse, grads)):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        slots = tuple(slots)
+        if same_params:  # the same tensors as before: hand over the same tuple
+            params = seen.params
+            lrs = seen.lrs if seen.lrs.slots == slots else _LrsByGroup(groups, slots)
+        else:
+            params, lrs = tuple(params), _LrsByGroup(groups, slots)
+        changes = seen.changes + 1 if seen is not None else 0
+        seen = _Collected(groups, group_params, group_grads, has_grad, params, lrs, changes)
+        self._fused_cache["collected"] = seen
+        self._fused_cache["grads_token"] = seen.token
         return params, grads, lrs
 
     def _param_set(self, params):
         """What depends only on which parameters take part (cached until that set changes, a
         param group is added or a state is loaded): their device, the path, the state buffers."""
-        key = tuple(map(id, params))
         cached = self._fused_cache.get("param_set")
-        if cached is not None and cached[0] == key and cached[1] == params[0].device:
+        if cached is not None and (cached[0] is params or _same_objects(cached[0], params)) \
+                and cached[1] == params[0].device:
             return cached[1], cached[2], cached[3]
         device = self._device(params)
         fused = use_fused_path(self.fused, params)
@@ -400,8 +524,23 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 if name not in st:
                     st[name] = self._init_buffer(name, p)
                 out.append(st[name])
-        self._fused_cache["param_set"] = (key, device, fused, buffers)
+        buffers = {name: tuple(out) for name, out in buffers.items()}
+        self._fused_cache["param_set"] = (params, device, fused, buffers)
         return device, fused, buffers
+
+    def flatten_grads(self) -> None:
+        """Opt in to flat gradients: the optimizer keeps every gradient in one buffer per
+        (device, dtype) and makes each trainable parameter's ``.grad`` a view of it (current
+        gradients are copied in, missing ones are zeros). The host cost of a step then does not
+        grow with the number of tensors; ``zero_grad()`` zeroes the buffers in place (the views
+        stay, whatever ``set_to_none`` says). If something replaces a ``.grad`` or sets it to
+        None (``model.zero_grad()``, ``p.grad = t``), the next step notices, takes the default
+        path and installs the views again, with a warning. README, "Flat gradients"."""
+        from ._flat_grads import FlatGrads
+
+        self._flat_grads = FlatGrads(type(self).__name__, self.param_groups)
+        self._fused_cache.pop("collected", None)  # they hold the gradients replaced by views
+        self._fused_cache.pop("plan", None)
 
     def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -446,8 +585,16 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's, and drops what watched losses added since the last step."""
-        super().zero_grad(set_to_none)
+        """As torch.optim's, and drops what watched losses added since the last step. After
+        flatten_grads(), zeroes the gradient buffers in place (the views stay)."""
+        flat = self.__dict__.get("_flat_grads")
+        if flat is not None and flat.intact(self.param_groups):
+            flat.zero_()
+        else:
+            super().zero_grad(set_to_none)
+            seen = self._fused_cache.get("collected")
+            if set_to_none and seen is not None:  # do not keep the dropped gradients alive
+                seen.kept = None
         self._watched_loss = None
 
     def _amp_scaling(self):
@@ -509,7 +656,13 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 f"opt.watch_loss(loss) before loss.backward() (or step(loss=loss) after it) with the "
                 f"loss of the batch whose gradients are in .grad, or pass a closure")
         result = closure_loss if closure is not None else step_loss
-        params, grads, lrs = self._collect()
+        flat = self.__dict__.get("_flat_grads")
+        on_views = flat is not None and flat.intact(self.param_groups)
+        if on_views:
+            params, grads, lrs = flat.lists
+            self._fused_cache["grads_token"] = flat.token
+        else:
+            params, grads, lrs = self._collect()
         if not params:
             return result
         self._ensure_scalars()
@@ -517,9 +670,15 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         loss_t = None if step_loss is None else as_loss_tensor(step_loss, scalars.device,
                                                                 scalars.dtype)
         _, fused, buffers = self._param_set(params)  # may create state: after every check
+        if not fused:  # the references take one lr per tensor (the launcher reads them by group)
+            lrs = list(lrs)
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
             self._run(params, grads, buffers, lrs, loss_t, fused, amp)
+        if flat is not None and not on_views:  # a .grad was not its view: put the views back
+            self._fused_cache.pop("collected", None)  # (these hold .grad objects, which would
+            self._fused_cache.pop("plan", None)       # hide the next replaced view)
+            flat.repair(self.param_groups)
         return result
 
     def _run(self, params, grads, buffers, lrs, loss, fused, amp):

@@ -510,9 +510,13 @@ class _Plan:
         step. Gradients get the same watch once they have stayed the same for a step (watching
         gradients that are replaced every step would cost a pass per step); a freed one makes the
         next step reread the gradient pointers.
-      * the same while another tensor keeps the old storage alive (so nothing is freed): the spot
-        check compares the pointers and size of SPOT_CHECKS_PER_STEP tensors per step, in turn,
-        and finds the move within n / SPOT_CHECKS_PER_STEP steps."""
+      * the same while another tensor keeps the old storage alive (so nothing is freed, e.g.
+        ``backup = p.data; p.data = other``): on the default path every parameter's pointer is
+        compared with the tables at every step (`params_in_place`, ~60-100 ns a tensor), so
+        such a move is never missed. Flat gradients (`cache["flat_views"]`), whose point is a
+        step that does not grow with n, rely on the spot check instead: it compares the
+        pointers and size of SPOT_CHECKS_PER_STEP tensors per step, in turn, and finds the move
+        within n / SPOT_CHECKS_PER_STEP steps (README, "Flat gradients")."""
 
     def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device, grads_token):
         self.method, self.hp, self.device = method, hp, device
@@ -581,6 +585,7 @@ class _Plan:
         self.hparams = _to_device(torch.tensor(hp, dtype=torch.float32), device)
         self.lrs = torch.zeros(n_lr_slots, dtype=torch.float32, device=device)
         self.lr_values: list = [None] * n_lr_slots
+        self.x_ptrs = list(map(_data_ptr, self.params))
         self.spot = [(grp, j, i) for grp in self.groups for j, (_, i) in enumerate(grp.direct)]
         self.spot_per_step = SPOT_CHECKS_PER_STEP
         self.spot_next = 0
@@ -632,6 +637,12 @@ class _Plan:
                 grp.write_grad_ptrs(array("q", map(_data_ptr, new)), self.device)
         return True
 
+    def params_in_place(self, params) -> bool:
+        """Whether every parameter still starts where the tables point (a list of ints: cheaper
+        to build and compare than an array; a size change at the same address, p.data =
+        p.data[:k], is left to the spot check)."""
+        return list(map(_data_ptr, params)) == self.x_ptrs
+
     def spot_check(self, params, grads, buf) -> bool:
         """Whether the next few tensors are still where the tables say (see the class doc)."""
         start = self.spot_next
@@ -660,8 +671,11 @@ def _current_plan(cache, method, hp, params, grads, buf, lr_slots, n_lr_slots, d
     the gradients changed), else a new one."""
     plan = cache.get("plan")
     token = cache.get("grads_token")
+    every_param = not cache.get("flat_views", False)  # (see _Plan: how a move is found)
     if (plan is None or not plan.fits(method, hp, params, buf, lr_slots, n_lr_slots)
-            or not plan.follow_grads(grads, token) or not plan.spot_check(params, grads, buf)):
+            or not plan.follow_grads(grads, token)
+            or (every_param and not plan.params_in_place(params))
+            or not plan.spot_check(params, grads, buf)):
         plan = _Plan(method, hp, params, grads, buf, tuple(lr_slots), n_lr_slots, device, token)
         cache["plan"] = plan
     return plan

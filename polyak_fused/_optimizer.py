@@ -658,6 +658,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         result = closure_loss if closure is not None else step_loss
         flat = self.__dict__.get("_flat_grads")
         on_views = flat is not None and flat.intact(self.param_groups)
+        self._fused_cache["flat_views"] = on_views  # the launcher then checks fewer pointers
         if on_views:
             params, grads, lrs = flat.lists
             self._fused_cache["grads_token"] = flat.token

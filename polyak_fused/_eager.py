@@ -7,6 +7,8 @@ dtype (float64 if any parameter is float64, else float32).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -41,8 +43,9 @@ def write_if(finite: torch.Tensor, target: torch.Tensor, value: torch.Tensor) ->
 
 
 def per_tensor(lrs, n: int) -> list:
-    """The lr multiplier of each of n tensors: `lrs` is a list of them, or one for all."""
-    return list(lrs) if isinstance(lrs, (list, tuple)) else [lrs] * n
+    """The lr multiplier of each of n tensors: `lrs` is a sequence of them (a list, or the
+    optimizers' lrs by param group), or one for all (a float or a one-element tensor)."""
+    return list(lrs) if isinstance(lrs, Sequence) else [lrs] * n
 
 
 def descend(params, directions, lrs, eta: torch.Tensor, finite: torch.Tensor) -> None:

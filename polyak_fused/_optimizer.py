@@ -671,8 +671,6 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         loss_t = None if step_loss is None else as_loss_tensor(step_loss, scalars.device,
                                                                 scalars.dtype)
         _, fused, buffers = self._param_set(params)  # may create state: after every check
-        if not fused:  # the references take one lr per tensor (the launcher reads them by group)
-            lrs = list(lrs)
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
             self._run(params, grads, buffers, lrs, loss_t, fused, amp)

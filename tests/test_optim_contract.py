@@ -56,20 +56,12 @@ import polyak_fused as pf
 from polyak_fused import _optimizer
 from eager_helpers import (OPTIMIZER_FACTORIES, OPTIMIZER_IDS, assert_bitwise_equal,
                            assert_same_snapshot, snapshot)
+from test_errors import REQUIRED
 
 OLD_CHECKPOINT = pathlib.Path(__file__).parent / "data" / "old_checkpoint_e9a6c3b.pt"
 
-# Required constructor arguments, and for each class one global hyperparameter with a valid
-# value other than its default.
-REQUIRED = {
-    pf.InexactPolyak: dict(total_steps=10),
-    pf.Polyak: {},
-    pf.DecSPS: {},
-    pf.AdaSPS: {},
-    pf.DoG: {},
-    pf.ClippedSGD: dict(lr=0.1),
-    pf.NSGDM: dict(lr=0.1),
-}
+# Required constructor arguments (test_errors' list), and for each class one global
+# hyperparameter with a valid value other than its default.
 CLASSES = list(REQUIRED)
 OTHER_GLOBAL = {
     pf.InexactPolyak: ("total_steps", 20),

@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import math
 import weakref
-from array import array
-from operator import is_, itemgetter
+from operator import is_
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from triton.runtime import driver
+
+import csrc_host
 
 try:
     from triton import knobs  # Triton >= 3.4
@@ -422,10 +424,10 @@ MIN_CHUNK, MAX_CHUNK = 4 * GPU_BLOCK, 32 * GPU_BLOCK
 #: default and 3.10 will not, which would change results bitwise. Fused: one rounding fewer in
 #: x - lr*eta*g, and the results every released version of this package computed.
 FP_FUSION = True
-#: A step checks the pointers and sizes of SPOT_CHECKS_PER_STEP of its n tensors, in turn: a
-#: tensor that moved while its old storage stayed alive is found within n / SPOT_CHECKS_PER_STEP
-#: steps (one whose old storage was freed, at the next step: _Plan._watch). A constant, so that
-#: a step that needs no per-tensor pass (flat gradients) does not grow with n.
+#: With flat gradients, a step checks SPOT_CHECKS_PER_STEP of its n tensors, in turn: a tensor
+#: that moved while its old storage stayed alive is found within n / SPOT_CHECKS_PER_STEP steps
+#: (one whose old storage was freed, at the next step: _Plan._watch). A constant, so that the
+#: flat mode's step does not grow with n. The default path checks every tensor (_Plan).
 SPOT_CHECKS_PER_STEP = 2
 
 
@@ -459,64 +461,46 @@ def _int64_table(rows: list, device) -> torch.Tensor:
     return _to_device(torch.tensor(rows, dtype=torch.int64), device)
 
 
-_data_ptr, _numel, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.numel, \
-    torch.Tensor.is_contiguous
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 class _Group:
-    """The device tables of one dtype group and their host copies. `direct` lists the parameter
-    index of each table row whose tensors are read in place (the others, not contiguous, go
-    through the staging buffers of `staged`)."""
+    """The device tables of one dtype group. `direct` lists (table row, parameter index) for
+    the tensors read in place (the others, not contiguous, go through the staging buffers of
+    `staged`)."""
 
     def __init__(self, dtype, rows, chunk_rows, cfg, slot0, like, staged, direct, device):
         self.dtype, self.cfg, self.slot0, self.like, self.staged = dtype, cfg, slot0, like, staged
         self.meta = _int64_table(rows, device)
         self.chunks = _int64_table(chunk_rows, device)
         self.n_chunks = len(chunk_rows)
-        self.direct = direct
         self.direct_rows = _int64_table([r for r, _ in direct], device) if direct else None
-        self.take_direct = itemgetter(*[i for _, i in direct]) if direct else None
-        # host copies of the direct rows, for the spot checks
-        self.x_ptrs = [rows[r][0] for r, _ in direct]
-        self.g_ptrs = [rows[r][1] for r, _ in direct]
-        self.b_ptrs = [rows[r][2] for r, _ in direct]
-        self.numels = [rows[r][3] for r, _ in direct]
-
-    def direct_grads(self, grads) -> tuple:
-        picked = self.take_direct(grads)
-        return picked if len(self.direct) > 1 else (picked,)
-
-    def write_grad_ptrs(self, ptrs: array, device) -> None:
-        """New gradient pointers of the direct rows, in their order: one copy to the device."""
-        host = torch.frombuffer(ptrs, dtype=torch.int64)
-        self.meta[:, 1].index_copy_(0, self.direct_rows, _to_device(host, device))
-        self.g_ptrs = ptrs
+        self.direct_params = torch.tensor([i for _, i in direct], dtype=torch.int64)
 
 
 class _Plan:
     """Everything a step needs that does not change while the tensors stay where they are: the
-    tables, the scratch buffers, and what they were built from (`params`, `buf` as tuples,
-    `lr_slots`, the gradients' token), against which each step's arguments are checked
-    (`_current_plan`).
+    device tables, the scratch buffers, and what they were built from (`params`, `buf` as
+    tuples, `lr_slots`).
 
-    How a tensor that moved is found, and what it costs per step:
+    `watched` is the host's record of every tensor, one row of csrc_host.ROW values per
+    parameter: the addresses of the parameter, its gradient and its state buffer, the element
+    count, and whether it is staged. How a step knows the tables still hold (`_current_plan`):
       * a new parameter or state-buffer object: the step's sequences differ from the ones kept
         here (nothing to compare when the caller hands over the very tuples the plan kept:
-        `_same`). New gradients (the caller's token changed, or no token) only rewrite the
-        gradient column (`set_grads`).
-      * a parameter or state buffer whose memory changed in place (``p.data = other``, a module's
-        ``.to()`` or ``.half()``, ``torch.utils.swap_tensors``): a weak reference to the storage
-        the tables point at fires when that storage is freed; the plan is rebuilt at the next
-        step. Gradients get the same watch once they have stayed the same for a step (watching
-        gradients that are replaced every step would cost a pass per step); a freed one makes the
-        next step reread the gradient pointers.
-      * the same while another tensor keeps the old storage alive (so nothing is freed, e.g.
-        ``backup = p.data; p.data = other``): on the default path every parameter's pointer is
-        compared with the tables at every step (`params_in_place`, ~60-100 ns a tensor), so
-        such a move is never missed. Flat gradients (`cache["flat_views"]`), whose point is a
-        step that does not grow with n, rely on the spot check instead: it compares the
-        pointers and size of SPOT_CHECKS_PER_STEP tensors per step, in turn, and finds the move
-        within n / SPOT_CHECKS_PER_STEP steps (README, "Flat gradients")."""
+        `_same`);
+      * anything else, every tensor at every step: `check_tensors` (csrc_host, C++: ~10 ns a
+        tensor) compares each parameter, gradient and buffer with its row. New gradient
+        addresses only rewrite the gradient column; a parameter or buffer that moved or was
+        resized (``p.data = other``, ``model.to()``, ``swap_tensors``, even while another
+        tensor keeps the old storage alive) rebuilds the plan. Nothing is trusted, nothing is
+        held but the parameters and buffers.
+      * flat gradients (the caller hands over a token with its gradients, `cache["grads_token"]`:
+        the same token means the same gradient tensors), whose point is a step that does not
+        grow with n: the tensors are compared SPOT_CHECKS_PER_STEP at a time, in turn, and a
+        weak reference to each parameter's and buffer's storage flags its release at once. A
+        tensor moved while its old storage stays alive is found within n / SPOT_CHECKS_PER_STEP
+        steps (README, "Flat gradients")."""
 
     def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device, grads_token):
         self.method, self.hp, self.device = method, hp, device
@@ -524,12 +508,11 @@ class _Plan:
         self.grads_token = grads_token  # the caller's token of the gradients the tables point at
         self.buf = tuple(buf) if buf is not None else None
         self.lr_slots, self.n_lr_slots = lr_slots, n_lr_slots
-        self.moved = [False]        # set when a watched parameter or buffer storage is freed
-        self.grads_moved = [False]  # likewise for a watched gradient storage
+        self.moved = [False]  # set when a watched parameter or buffer storage is freed
         self._watches: list = []
-        self._grad_watches: list | None = None  # None: the current gradients are not watched
         self.n_sums = N_SUMS.get(method, 1)
         self.groups: list[_Group] = []
+        self.watched = np.zeros((len(params), csrc_host.ROW), dtype=np.int64)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -552,13 +535,16 @@ class _Plan:
                             f"Invalid {what} dtype: {t.dtype} for a {x.dtype} parameter (tensor "
                             f"{i}); the fused path needs them equal (was the parameter cast "
                             f"after the optimizer made its state?)")
-                self._watch(x, self.moved, self._watches)
-                if b is not None:
-                    self._watch(b, self.moved, self._watches)
+                if grads_token is not None:
+                    self._watch(x)
+                    if b is not None:
+                        self._watch(b)
+                is_staged = not all(map(_is_contiguous, (t for t in (x, g, b) if t is not None)))
+                self.watched[i] = (x.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None
+                                   else 0, x.numel(), is_staged)
                 if x.numel() == 0:
                     continue
-                if not all(map(_is_contiguous, (t for t in (x, g, b) if t is not None))):
-                    # copied through contiguous buffers (rare: strided parameters)
+                if is_staged:  # copied through contiguous buffers (rare: strided parameters)
                     sx = torch.empty(x.shape, dtype=x.dtype, device=device)
                     sg = torch.empty(x.shape, dtype=x.dtype, device=device)
                     sb = torch.empty(x.shape, dtype=x.dtype, device=device) if b is not None else None
@@ -585,74 +571,52 @@ class _Plan:
         self.hparams = _to_device(torch.tensor(hp, dtype=torch.float32), device)
         self.lrs = torch.zeros(n_lr_slots, dtype=torch.float32, device=device)
         self.lr_values: list = [None] * n_lr_slots
-        self.x_ptrs = list(map(_data_ptr, self.params))
-        self.spot = [(grp, j, i) for grp in self.groups for j, (_, i) in enumerate(grp.direct)]
-        self.spot_per_step = SPOT_CHECKS_PER_STEP
         self.spot_next = 0
 
-    def _watch(self, t: torch.Tensor, flag: list, into: list) -> None:
-        """Set flag[0] when the storage `t` uses now is freed."""
+    def _watch(self, t: torch.Tensor) -> None:
+        """Set self.moved when the storage `t` uses now is freed."""
+        moved = self.moved
+
         def freed(_ref):
-            flag[0] = True
+            moved[0] = True
 
         try:
-            into.append(weakref.ref(t.untyped_storage(), freed))
-        except (TypeError, RuntimeError):  # nothing to watch: check every tensor at every step
-            self.spot_per_step = 1 << 62
+            self._watches.append(weakref.ref(t.untyped_storage(), freed))
+        except (TypeError, RuntimeError):  # nothing to watch: the spot check will see it
+            pass
 
     def fits(self, method, hp, params, buf, lr_slots, n_lr_slots) -> bool:
-        """Whether the tables describe these parameters and buffers, as they are now."""
+        """Whether the tables were built for these parameter and buffer objects (`follow` then
+        checks where the tensors are)."""
         return (not self.moved[0] and self.method == method and self.hp == hp
                 and self.n_lr_slots == n_lr_slots
                 and (self.lr_slots is lr_slots or self.lr_slots == tuple(lr_slots))
                 and _same(self.params, params) and _same(self.buf, buf))
 
-    def follow_grads(self, grads, token) -> bool:
-        """Make the gradient column point at `grads`; False if the plan must be rebuilt. `token`
-        (None from callers that give none) is the caller's promise: the same token as when the
-        column was written means the same gradient tensors."""
-        if token is not None and token is self.grads_token and not self.grads_moved[0]:
-            if self._grad_watches is None:  # the same gradients two steps running: watch them
-                self._grad_watches = []
-                for grp in self.groups:
-                    for g in grp.direct_grads(grads) if grp.direct else ():
-                        self._watch(g, self.grads_moved, self._grad_watches)
-            return True
-        if not self.set_grads(grads):
+    def follow(self, grads, token) -> bool:
+        """Check every tensor against `watched` and point the gradient column at `grads`; False
+        if the plan must be rebuilt. With the token of the gradients the tables point at (flat
+        gradients), only the next SPOT_CHECKS_PER_STEP tensors are checked."""
+        check = csrc_host.implementation().check_tensors
+        if token is not None and token is self.grads_token:
+            start, n = self.spot_next, len(self.params)
+            end = min(start + SPOT_CHECKS_PER_STEP, n)
+            window = slice(start, end)
+            if check(self.params[window], grads[window],
+                     self.buf[window] if self.buf is not None else None,
+                     self.watched[window]) == 0:
+                self.spot_next = end if end < n else 0
+                return True
+        status = check(self.params, grads, self.buf, self.watched)
+        if status == 2:
             return False
+        if status == 1:  # new gradient addresses: one copy of the column per dtype group
+            column = torch.from_numpy(self.watched)[:, 1]
+            for grp in self.groups:
+                if grp.direct_rows is not None:
+                    host = column.index_select(0, grp.direct_params)
+                    grp.meta[:, 1].index_copy_(0, grp.direct_rows, _to_device(host, self.device))
         self.grads_token = token
-        return True
-
-    def set_grads(self, grads) -> bool:
-        """Point the tables at new gradient tensors (same parameters); False when the plan must
-        be rebuilt instead (a different count, or a gradient that is not contiguous)."""
-        if len(grads) != len(self.params):
-            return False
-        self._grad_watches, self.grads_moved[0] = None, False  # the old ones may be freed now
-        for grp in self.groups:
-            if grp.direct:
-                new = grp.direct_grads(grads)
-                if not all(map(_is_contiguous, new)):
-                    return False
-                grp.write_grad_ptrs(array("q", map(_data_ptr, new)), self.device)
-        return True
-
-    def params_in_place(self, params) -> bool:
-        """Whether every parameter still starts where the tables point (a list of ints: cheaper
-        to build and compare than an array; a size change at the same address, p.data =
-        p.data[:k], is left to the spot check)."""
-        return list(map(_data_ptr, params)) == self.x_ptrs
-
-    def spot_check(self, params, grads, buf) -> bool:
-        """Whether the next few tensors are still where the tables say (see the class doc)."""
-        start = self.spot_next
-        end = start + self.spot_per_step
-        for grp, j, i in self.spot[start:end]:
-            if (params[i].data_ptr() != grp.x_ptrs[j] or grads[i].data_ptr() != grp.g_ptrs[j]
-                    or (buf is not None and buf[i].data_ptr() != grp.b_ptrs[j])
-                    or params[i].numel() != grp.numels[j]):
-                return False
-        self.spot_next = end if end < len(self.spot) else 0
         return True
 
 
@@ -668,14 +632,11 @@ def _same(kept: tuple | None, given) -> bool:
 
 def _current_plan(cache, method, hp, params, grads, buf, lr_slots, n_lr_slots, device) -> _Plan:
     """The cached plan if it still describes these tensors (its gradient column rewritten if only
-    the gradients changed), else a new one."""
+    the gradients moved), else a new one."""
     plan = cache.get("plan")
     token = cache.get("grads_token")
-    every_param = not cache.get("flat_views", False)  # (see _Plan: how a move is found)
     if (plan is None or not plan.fits(method, hp, params, buf, lr_slots, n_lr_slots)
-            or not plan.follow_grads(grads, token)
-            or (every_param and not plan.params_in_place(params))
-            or not plan.spot_check(params, grads, buf)):
+            or not plan.follow(grads, token)):
         plan = _Plan(method, hp, params, grads, buf, tuple(lr_slots), n_lr_slots, device, token)
         cache["plan"] = plan
     return plan
@@ -774,12 +735,13 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     `guards`: the guards' constants ``tiny_grad_sq``, ``dog_eps``, ``clip_eps``.
 
     `cache` keeps the plan (tables) between steps; the plan holds the parameters and buffers,
-    never the gradients (they may be freed between steps). What a step checks, per tensor:
-      * parameters and buffers: nothing when they come in the very tuples of the last step
-        (tuples do not change in place), else an identity comparison;
-      * gradients: their pointers are read again, unless `cache["grads_token"]` is the object
-        it was at the last step: a caller that sets it (the optimizers do, in _collect) promises
-        that the same token means the same gradient tensors."""
+    never the gradients (they may be freed between steps). What a step checks (_Plan):
+      * parameters and buffers: their objects, by identity (free when they come in the very
+        tuples of the last step: tuples do not change in place);
+      * every parameter, gradient and buffer: its address, size, dtype and layout, in one call
+        of csrc_host's check_tensors (C++), unless `cache["grads_token"]` is the object it was
+        at the last step (flat gradients: the caller promises that the same token means the
+        same gradient tensors); then a few tensors per step, in turn."""
     if method not in METHODS:
         raise ValueError(f"unknown method: {method!r}")
     if scalars.dtype != torch.float32:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import weakref
 from collections.abc import Sequence
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
 from typing import Callable
 
 import torch
+
+import csrc_host
 
 from . import distributed
 
@@ -63,67 +64,15 @@ class _LrsByGroup(Sequence):
         return [group["lr"] for group in self.groups]
 
 
-class _NoGrad:
-    pass
-
-
-#: A dead weak reference (calling it gives None), kept for a parameter without .grad.
-_NO_GRAD = weakref.ref(_NoGrad())
-_deref = weakref.ReferenceType.__call__
-#: While the gradients change at every step, _collect looks every REPROBE_STEPS steps (with weak
-#: references, which cost a pass to make) whether they stopped changing.
-REPROBE_STEPS = 8
-
-
 class _Collected:
-    """What _collect saw at the last step: the param_groups list and each group's params list,
-    which params had a .grad, the params and lrs it returned, the token of those gradients (a new
-    object whenever one changed), and the gradients themselves, to recognise them:
-      * `kept` (the .grad of every param, None included) once they have been the same objects
-        two steps running: the caller holds them too, so keeping them costs no memory (until
-        something drops them: then they are released at the next step, or by zero_grad());
-      * else, every REPROBE_STEPS steps, `probe`: weak references, which do not keep gradients
-        that are dropped between steps (a dead one gives None, so the pattern of gradients
-        present is compared too);
-      * else nothing: the next step cannot tell, and counts as a change."""
+    """What _collect found at the last step: the param_groups list, the params that had a .grad
+    (a tuple), how many of them each group holds, and their lrs. The next step hands over the
+    same tuple when the same params have a .grad (read by `host_pass`)."""
 
-    __slots__ = ("groups", "group_params", "has_grad", "all_have", "kept", "probe", "params",
-                 "lrs", "token", "changes")
+    __slots__ = ("groups", "params", "counts", "lrs")
 
-    def __init__(self, groups, group_params, group_grads, has_grad, params, lrs, changes):
-        self.groups, self.group_params, self.has_grad = groups, group_params, has_grad
-        self.all_have = [all(has) for has in has_grad]
-        self.params, self.lrs, self.token, self.changes = params, lrs, object(), changes
-        self.kept = None
-        self.probe = None if changes % REPROBE_STEPS else [
-            list(map(weakref.ref, gs)) if every else
-            [weakref.ref(g) if g is not None else _NO_GRAD for g in gs]
-            for gs, every in zip(group_grads, self.all_have)]
-
-    def unchanged(self, groups, group_params, group_grads) -> bool:
-        """Whether these are the params lists and .grad objects seen last time."""
-        if (groups is not self.groups or len(group_params) != len(self.group_params)
-                or not all(map(is_, group_params, self.group_params))):
-            return False
-        if self.kept is not None:
-            return all(all(map(is_, gs, kept)) for gs, kept in zip(group_grads, self.kept))
-        if self.probe is None:
-            return False
-        for gs, has, refs in zip(group_grads, self.has_grad, self.probe):
-            if (list(map(is_not, gs, repeat(None))) != has
-                    or not all(map(is_, gs, map(_deref, refs)))):
-                return False
-        self.kept, self.probe = group_grads, None  # the same two steps running: keep them
-        return True
-
-    def grads(self, group_grads) -> list:
-        """The grads of the params that have one, from each group's list of .grad."""
-        if len(group_grads) == 1 and self.all_have[0]:
-            return group_grads[0]
-        out = []
-        for gs, has, every in zip(group_grads, self.has_grad, self.all_have):
-            out += gs if every else compress(gs, has)
-        return out
+    def __init__(self, groups, params, counts, lrs):
+        self.groups, self.params, self.counts, self.lrs = groups, params, counts, lrs
 
 
 def check_number(name: str, value, *, low=None, high=None, low_open=False, allow_inf=False):
@@ -466,29 +415,27 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def _collect(self):
         """Params with a gradient, their grads, and each one's lr (by param group); validates.
 
-        This is the host's per-tensor work on every step: one pass reading every .grad. When
-        every param group holds the same params list and every param the same .grad object (or
-        None) as at the last step, the params tuple and the gradients' token stay the same, and
-        the fused launcher knows that its tables still hold without looking at each tensor."""
+        This is the host's per-tensor work of every step: it reads every .grad. On the fused
+        path, when the same params have a .grad as at the last step (the common case), one call
+        of the host pass (csrc_host, in C++) reads the grads and confirms it; the params tuple and
+        the lrs of the last step are handed over again, so that what depends on them only is
+        not looked at again (_param_set, the fused launcher's tables)."""
         groups = self.param_groups
         group_params = [group["params"] for group in groups]
-        group_grads = [list(map(_grad_of, params)) for params in group_params]
         seen = self._fused_cache.get("collected")
-        if seen is not None and seen.unchanged(groups, group_params, group_grads):
-            self._fused_cache["grads_token"] = seen.token
-            return seen.params, seen.grads(group_grads), seen.lrs
-        params, grads, slots, has_grad = [], [], [], []
-        for k, (ps, gs) in enumerate(zip(group_params, group_grads)):
+        host_pass = self._fused_cache.get("host_pass")  # set when the last step was fused
+        if seen is not None and host_pass is not None and seen.groups is groups:
+            grads = host_pass.grads_of_groups(group_params, seen.params, seen.counts)
+            if grads is not None:
+                return seen.params, grads, seen.lrs
+        params, grads, slots, counts = [], [], [], []
+        for k, ps in enumerate(group_params):
+            gs = list(map(_grad_of, ps))
             has = list(map(is_not, gs, repeat(None)))
-            has_grad.append(has)
-            if all(has):
-                params += ps
-                grads += gs
-                slots += [k] * len(ps)
-            else:
-                params += compress(ps, has)
-                grads += compress(gs, has)
-                slots += [k] * sum(has)
+            params += compress(ps, has)
+            grads += compress(gs, has)
+            counts.append(sum(has))
+            slots += [k] * counts[-1]
         same_params = seen is not None and _same_objects(seen.params, params)
         # A sparse gradient is refused here, before _param_set makes any state; except when the
         # last step took the fused path with these parameters: then the launcher refuses it
@@ -502,10 +449,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             lrs = seen.lrs if seen.lrs.slots == slots else _LrsByGroup(groups, slots)
         else:
             params, lrs = tuple(params), _LrsByGroup(groups, slots)
-        changes = seen.changes + 1 if seen is not None else 0
-        seen = _Collected(groups, group_params, group_grads, has_grad, params, lrs, changes)
-        self._fused_cache["collected"] = seen
-        self._fused_cache["grads_token"] = seen.token
+        self._fused_cache["collected"] = _Collected(groups, params, tuple(counts), lrs)
         return params, grads, lrs
 
     def _param_set(self, params):
@@ -517,6 +461,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             return cached[1], cached[2], cached[3]
         device = self._device(params)
         fused = use_fused_path(self.fused, params)
+        self._fused_cache["host_pass"] = csrc_host.implementation() if fused else None
         buffers = {name: [] for name in self.BUFFERS}
         for p in params if buffers else ():  # (no empty state entries, as in torch.optim)
             st = self.state[p]
@@ -539,8 +484,6 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         from ._flat_grads import FlatGrads
 
         self._flat_grads = FlatGrads(type(self).__name__, self.param_groups)
-        self._fused_cache.pop("collected", None)  # they hold the gradients replaced by views
-        self._fused_cache.pop("plan", None)
 
     def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -592,9 +535,6 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             flat.zero_()
         else:
             super().zero_grad(set_to_none)
-            seen = self._fused_cache.get("collected")
-            if set_to_none and seen is not None:  # do not keep the dropped gradients alive
-                seen.kept = None
         self._watched_loss = None
 
     def _amp_scaling(self):
@@ -658,10 +598,11 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         result = closure_loss if closure is not None else step_loss
         flat = self.__dict__.get("_flat_grads")
         on_views = flat is not None and flat.intact(self.param_groups)
-        self._fused_cache["flat_views"] = on_views  # the launcher then checks fewer pointers
+        # flat gradients: the token vouches for the gradients, and the launcher checks only a
+        # few tensors per step (csrc_triton.polyak_step._Plan)
+        self._fused_cache["grads_token"] = flat.token if on_views else None
         if on_views:
             params, grads, lrs = flat.lists
-            self._fused_cache["grads_token"] = flat.token
         else:
             params, grads, lrs = self._collect()
         if not params:
@@ -675,8 +616,6 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
             self._run(params, grads, buffers, lrs, loss_t, fused, amp)
         if flat is not None and not on_views:  # a .grad was not its view: put the views back
-            self._fused_cache.pop("collected", None)  # (these hold .grad objects, which would
-            self._fused_cache.pop("plan", None)       # hide the next replaced view)
             flat.repair(self.param_groups)
         return result
 

@@ -21,13 +21,23 @@ import torch
 from helpers import assert_bitwise_equal, assert_close
 from test_parity import OPTIMIZERS, STATE_DEPENDENT_SCALARS
 
+import csrc_host
 import polyak_fused as pf
+from csrc_host import build, reference
 from csrc_triton import polyak_step as K
 
 # bfloat16: a few units in the last place after up to six steps (the interpreter rounds toward
 # zero, torch to nearest: test_parity.DTYPES). A missed update shows in the float32 parameters,
 # directly or through the global norm, whose share of every step size is far above 1e-5.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def host_pass(request, monkeypatch):
+    """Every test runs with the compiled host pass and with its Python specification."""
+    module = build.build_and_load() if request.param == "compiled" else reference
+    monkeypatch.setattr(csrc_host, "_chosen", module)
+    return module
 
 
 def _params(device, seed=0, bf16=True):
@@ -86,23 +96,28 @@ def _plan(opt):
 # ---------------------------------------------------------------------------------------------
 def test_same_gradients_reuse_everything(device):
     """The steady state: the same .grad objects (zero_grad(set_to_none=False)) give the same
-    params tuple, the same gradients' token and the same plan, with values refreshed in place."""
+    params tuple and the same plan, whose record of every tensor stays as it was; a new .grad
+    object at a new address keeps the plan and rewrites its gradient's address only."""
     pair = Pair("adasps", device)
     pair.grads()
     pair.step()
     cache = pair.opt._fused_cache
-    plan, params, token = cache["plan"], cache["collected"].params, cache["grads_token"]
+    plan, params = cache["plan"], cache["collected"].params
+    record = plan.watched.copy()
     for _ in range(3):
         for p, t in zip(pair.params, pair.twin):
             g = torch.randn(p.shape).to(p.dtype)
             p.grad.copy_(g.to(device))
             t.grad.copy_(g.to(device))
         pair.step()
-        assert cache["plan"] is plan and cache["grads_token"] is token
-        assert cache["collected"].params is params
-    pair.grads(which={0})   # one new .grad object: a new token, the same plan
+        assert cache["plan"] is plan and cache["collected"].params is params
+        assert (plan.watched == record).all()
+    old = pair.params[0].grad
+    pair.grads(which={0})   # one new .grad object, while the old one is alive: a new address
     pair.step()
-    assert cache["plan"] is plan and cache["grads_token"] is not token
+    assert cache["plan"] is plan and cache["collected"].params is params
+    assert plan.watched[0, 1] == pair.params[0].grad.data_ptr() != old.data_ptr()
+    assert (plan.watched[1:] == record[1:]).all()
 
 
 def test_gradients_are_not_kept_alive_between_steps(device):
@@ -111,7 +126,7 @@ def test_gradients_are_not_kept_alive_between_steps(device):
     pair = Pair("inexact_polyak", device)
     pair.grads()
     pair.step()
-    pair.step()                           # the same gradients twice: their storages are watched
+    pair.step()
     old = [weakref.ref(p.grad) for p in pair.params]
     pair.opt.zero_grad(set_to_none=True)
     assert all(r() is None for r in old), "a gradient outlived zero_grad(set_to_none=True)"
@@ -162,8 +177,8 @@ def test_a_gradient_that_is_not_contiguous(device):
 @pytest.mark.parametrize("how,name", [("clone", "dog"), ("swap_tensors", "dog"),
                                       ("new_dtype", "adasps")])
 def test_parameter_data_replaced(how, name, device):
-    """p.data = other (what a module's .to() or .half() does), torch.utils.swap_tensors: the old
-    storage is freed, its watch fires, the next step rebuilds the tables."""
+    """p.data = other (what a module's .to() or .half() does), torch.utils.swap_tensors: the next
+    step sees the parameter's new address and rebuilds the tables."""
     pair = Pair(name, device)
     pair.grads()
     pair.step()
@@ -176,7 +191,6 @@ def test_parameter_data_replaced(how, name, device):
         else:
             torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().clone()))
     plan = _plan(pair.opt)
-    assert plan.moved[0], "the watch on the old storage did not fire"
     pair.grads()
     pair.step()
     assert _plan(pair.opt) is not plan
@@ -199,16 +213,15 @@ def test_state_of_another_dtype_than_its_parameter_is_refused(device):
 
 
 def test_parameter_moved_while_its_old_storage_is_kept(device):
-    """The move no storage watch sees: p.data replaced while another tensor keeps the old
-    storage alive (nothing is freed). The default path compares every parameter's pointer at
-    every step, so the very next step updates the parameter where it now lives, as the
-    reference does, and leaves the old storage alone."""
+    """p.data replaced while another tensor keeps the old storage alive (nothing is freed).
+    The default path compares every parameter's address at every step, so the very next step
+    updates the parameter where it now lives, as the reference does, and leaves the old storage
+    alone."""
     pair = Pair("inexact_polyak", device)
     pair.grads()
     pair.step()
     plan = _plan(pair.opt)
-    window = {i for _, _, i in plan.spot[plan.spot_next:plan.spot_next + K.SPOT_CHECKS_PER_STEP]}
-    m = next(i for i in range(len(pair.params)) if i not in window)  # not spot-checked next
+    m = 3
     kept = pair.params[m].data                      # holds the old storage
     kept_before = kept.clone()
     pair.params[m].data = kept.clone()
@@ -220,18 +233,20 @@ def test_parameter_moved_while_its_old_storage_is_kept(device):
 
 
 def test_gradient_storage_replaced_in_place(device):
-    """p.grad.data = other: the same .grad object with new memory. Gradients that stayed the
-    same for a step are watched; the freed storage makes the next step reread the pointers."""
+    """p.grad.data = other: the same .grad object with new memory. The next step reads the
+    gradients' addresses and rewrites the gradient column of the same plan."""
     pair = Pair("nsgdm", device)
     pair.grads()
     pair.step()
-    pair.step()   # the same gradients again: now watched
+    pair.step()
+    plan = _plan(pair.opt)
     for p, t in zip(pair.params, pair.twin):
         g = torch.randn(p.shape).to(p.dtype)
         p.grad.data = g.to(device)
         t.grad.data = g.clone().to(device)
-    assert _plan(pair.opt).grads_moved[0], "the watch on the old gradient storage did not fire"
     pair.step()
+    assert _plan(pair.opt) is plan
+    assert list(plan.watched[:, 1]) == [p.grad.data_ptr() for p in pair.params]
 
 
 def test_param_group_added_and_list_mutated(device):

@@ -1,0 +1,55 @@
+"""The host's per-tensor work of a fused step, in C++ where it can be built.
+
+A step of the fused path does two things per tensor on the host (bench/NOTES.md, "Host cost"):
+it reads every parameter's ``.grad`` (``grads_of_groups``), and it checks that every
+parameter, gradient and state buffer is still where the launcher's tables point
+(``check_tensors``). Through torch's Python bindings each ``.grad`` or ``data_ptr()`` costs
+60-120 ns; read from the tensors' C++ objects, 5-15 ns.
+
+``implementation()`` gives the module that does it:
+  * the compiled ``host_pass.cpp`` (built on first use against the installed torch and cached:
+    build.py), or
+  * ``reference.py``, the same functions in Python: the specification, and what runs where no
+    C++ compiler is found (with one warning saying why).
+``POLYAK_HOST_PASS`` chooses: ``auto`` (the default, as above), ``cpp`` (the compiled module or
+an error) or ``python``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from . import reference
+
+#: Values per tensor in check_tensors' table (host_pass.cpp has the same).
+ROW = reference.ROW
+
+_chosen = None
+
+
+def implementation():
+    """The module with ``grads_of_groups`` and ``check_tensors`` this process uses."""
+    global _chosen
+    if _chosen is None:
+        _chosen = _choose(os.environ.get("POLYAK_HOST_PASS", "auto"))
+    return _chosen
+
+
+def _choose(choice: str):
+    if choice == "python":
+        return reference
+    if choice not in ("auto", "cpp"):
+        raise ValueError(f"Invalid POLYAK_HOST_PASS: {choice!r} (expected auto, cpp or python)")
+    from .build import BuildError, build_and_load
+
+    try:
+        return build_and_load()
+    except BuildError as e:
+        if choice == "cpp":
+            raise
+        warnings.warn(
+            f"polyak_fused: the C++ host pass could not be built, so each fused step reads its "
+            f"tensors from Python, which costs ~0.3 us more per tensor on the host. Reason: {e}. "
+            f"(POLYAK_HOST_PASS=python silences this warning.)", RuntimeWarning, stacklevel=3)
+        return reference

@@ -1,0 +1,120 @@
+"""Compile host_pass.cpp against the installed torch on first use, and keep the result.
+
+The module is built once per (source, torch build, Python, compiler) and cached as a shared
+library in ``$POLYAK_FUSED_CACHE`` (default ``$XDG_CACHE_HOME/polyak_fused``, else
+``~/.cache/polyak_fused``); later processes load it in milliseconds. The build takes about 12 s
+on a 2-core machine and needs a C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) and
+the Python headers, which Triton itself needs (it compiles its launcher in C). Processes that
+start together (the ranks of a torchrun job) take a file lock, so one of them compiles and the
+others load its result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("host_pass.cpp")
+MODULE_NAME = "_polyak_host_pass"
+
+
+class BuildError(RuntimeError):
+    """Why the C++ host pass could not be built or loaded (the message says what is missing)."""
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("POLYAK_FUSED_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "polyak_fused"
+
+
+def compiler() -> str:
+    explicit = os.environ.get("CXX")
+    if explicit:
+        return explicit
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise BuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
+
+
+def _commands(cxx: str, out: Path) -> list[list[str]]:
+    """The compile commands to try, in order: C++20 (what torch >= 2.10 builds with), then
+    C++17 (older compilers)."""
+    torch_dir = Path(torch.__file__).parent
+    python_include = sysconfig.get_paths()["include"]
+    if not Path(python_include, "Python.h").exists():
+        raise BuildError(f"the Python headers are missing ({python_include}/Python.h); install "
+                         f"the python3-dev package of this Python")
+    lib = torch_dir / "lib"
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    common = ["-O2", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+              f"-I{torch_dir / 'include'}", f"-I{python_include}", str(SOURCE), "-o", str(out),
+              f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python",
+              f"-Wl,-rpath,{lib}"]
+    return [[cxx, f"-std={std}", *common] for std in ("c++20", "c++17")]
+
+
+def _key(cxx: str) -> str:
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(),
+             str(getattr(torch.version, "git_version", "")).encode(), sys.version.encode(),
+             str(sysconfig.get_config_var("EXT_SUFFIX")).encode(), cxx.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _load(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def build_and_load():
+    """The compiled module, from the cache or built now. Raises BuildError saying why not."""
+    cxx = compiler()
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"cannot create the cache folder {folder}: {e}") from None
+    target = folder / f"host_pass_{_key(cxx)}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if not target.exists():
+        with open(folder / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds, the others wait and load
+            if not target.exists():
+                _compile(cxx, target)
+    try:
+        return _load(target)
+    except ImportError as e:
+        raise BuildError(f"the compiled host pass {target} does not load: {e}") from None
+
+
+def _compile(cxx: str, target: Path) -> None:
+    errors = []
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        for command in _commands(cxx, out):
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise BuildError(f"the C++ compiler {cxx} did not run: {e}") from None
+            if done.returncode == 0:
+                os.replace(out, target)  # atomic: a reader sees no half-written file
+                return
+            errors.append(f"$ {' '.join(command)}\n{done.stderr.strip()[-2000:]}")
+    raise BuildError("compiling host_pass.cpp failed:\n" + "\n".join(errors))

@@ -1,0 +1,193 @@
+// The per-tensor work of a fused step on the host, in C++: two loops that Python runs at
+// 60-120 ns a tensor (each .grad, each data_ptr() goes through torch's Python bindings) and
+// that take 5-15 ns a tensor here, reading the tensors' C++ objects directly.
+//
+// The semantics are those of reference.py, line for line (tests/test_host_pass.py holds the two
+// to equal results on random cases); read that file first. The module is compiled on first use
+// against the installed torch (build.py) and never raises for a case it cannot decide: it
+// answers "not the same" (None, or 2), and the caller's Python path then looks, and raises if
+// something is wrong.
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+
+namespace {
+
+// A tensor whose C++ object this module may read: a torch.Tensor or nn.Parameter (a subclass
+// may override .grad in Python; the caller handles those).
+inline bool exact_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
+
+// Any tensor, subclasses included; the type of the last tensor seen is cached in `ok`.
+inline bool any_tensor(PyObject* obj, PyTypeObject*& ok) {
+  PyTypeObject* tp = Py_TYPE(obj);
+  if (tp == ok) return true;
+  try {
+    if (!THPVariable_Check(obj)) return false;
+  } catch (...) {
+    PyErr_Clear();
+    return false;
+  }
+  ok = tp;
+  return true;
+}
+
+inline int64_t address(const at::Tensor& t) {
+  return reinterpret_cast<int64_t>(t.const_data_ptr());
+}
+
+// grads_of_groups(group_params, expected, counts) -> list | None
+//
+// The .grad of every parameter that has one, in param-group order, if those parameters are
+// exactly `expected` (a tuple, compared by identity) and group k holds counts[k] of them; else
+// None.
+PyObject* grads_of_groups(PyObject*, PyObject* args) {
+  PyObject *groups, *expected, *counts;
+  if (!PyArg_ParseTuple(args, "OO!O!", &groups, &PyTuple_Type, &expected, &PyTuple_Type,
+                        &counts))
+    return nullptr;
+  PyObject* groups_fast = PySequence_Fast(groups, "group_params must be a sequence");
+  if (!groups_fast) return nullptr;
+  const Py_ssize_t n_groups = PySequence_Fast_GET_SIZE(groups_fast);
+  const Py_ssize_t n = PyTuple_GET_SIZE(expected);
+  PyObject* out = PyList_New(n);
+  if (!out) {
+    Py_DECREF(groups_fast);
+    return nullptr;
+  }
+  static PyObject* grad_name = PyUnicode_InternFromString("grad");
+  bool same = n_groups == PyTuple_GET_SIZE(counts);
+  Py_ssize_t j = 0;
+  for (Py_ssize_t k = 0; same && k < n_groups; k++) {
+    PyObject* ps = PySequence_Fast(PySequence_Fast_GET_ITEM(groups_fast, k), "params");
+    if (!ps) {
+      PyErr_Clear();
+      same = false;
+      break;
+    }
+    const Py_ssize_t m = PySequence_Fast_GET_SIZE(ps);
+    PyObject** items = PySequence_Fast_ITEMS(ps);
+    const Py_ssize_t start = j;
+    for (Py_ssize_t i = 0; same && i < m; i++) {
+      PyObject* p = items[i];
+      PyObject* g;
+      if (exact_tensor(p)) {
+        const at::Tensor& grad = THPVariable_Unpack(p).grad();
+        g = grad.defined() ? THPVariable_Wrap(grad) : Py_NewRef(Py_None);
+      } else {
+        g = PyObject_GetAttr(p, grad_name);  // a subclass: its own .grad
+      }
+      if (!g) {
+        PyErr_Clear();
+        same = false;
+      } else if (g == Py_None) {
+        Py_DECREF(g);
+      } else if (j < n && PyTuple_GET_ITEM(expected, j) == p) {
+        PyList_SET_ITEM(out, j++, g);  // steals the reference
+      } else {
+        Py_DECREF(g);
+        same = false;
+      }
+    }
+    Py_DECREF(ps);
+    if (same) {
+      const long long want = PyLong_AsLongLong(PyTuple_GET_ITEM(counts, k));
+      same = !PyErr_Occurred() && want == static_cast<long long>(j - start);
+      PyErr_Clear();
+    }
+  }
+  Py_DECREF(groups_fast);
+  if (!same || j != n) {
+    Py_DECREF(out);  // (unset items are NULL, which list deallocation skips)
+    Py_RETURN_NONE;
+  }
+  return out;
+}
+
+// check_tensors(params, grads, buffers, table) -> 0, 1 or 2
+//
+// `table`: a writable int64 buffer of ROW values per tensor: the addresses of the parameter,
+// its gradient and its state buffer (0 without one), the element count, and 1 for a tensor the
+// caller copies through staging buffers (then only counts, dtypes and layouts are checked).
+// 0: every tensor is as the table says; 1: only gradient addresses changed, and the table now
+// holds the new ones; 2: something else changed (rebuild).
+constexpr Py_ssize_t ROW = 5;
+
+PyObject* check_tensors(PyObject*, PyObject* args) {
+  PyObject *params, *grads, *buffers;
+  Py_buffer view;
+  if (!PyArg_ParseTuple(args, "OOOw*", &params, &grads, &buffers, &view)) return nullptr;
+  PyObject* xs = PySequence_Fast(params, "params must be a sequence");
+  PyObject* gs = xs ? PySequence_Fast(grads, "grads must be a sequence") : nullptr;
+  PyObject* bs = nullptr;
+  if (gs && buffers != Py_None) bs = PySequence_Fast(buffers, "buffers must be a sequence");
+  if (!gs || (buffers != Py_None && !bs)) {
+    Py_XDECREF(xs);
+    Py_XDECREF(gs);
+    PyBuffer_Release(&view);
+    return nullptr;
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(xs);
+  int status = 0;
+  if (PySequence_Fast_GET_SIZE(gs) != n || (bs && PySequence_Fast_GET_SIZE(bs) != n) ||
+      view.len != static_cast<Py_ssize_t>(n * ROW * sizeof(int64_t)))
+    status = 2;
+  int64_t* table = static_cast<int64_t*>(view.buf);
+  PyTypeObject* ok = nullptr;
+  try {
+    for (Py_ssize_t i = 0; status != 2 && i < n; i++) {
+      int64_t* row = table + i * ROW;
+      PyObject* xo = PySequence_Fast_GET_ITEM(xs, i);
+      PyObject* go = PySequence_Fast_GET_ITEM(gs, i);
+      PyObject* bo = bs ? PySequence_Fast_GET_ITEM(bs, i) : nullptr;
+      if (!any_tensor(xo, ok) || !any_tensor(go, ok) || (bo && !any_tensor(bo, ok))) {
+        status = 2;
+        break;
+      }
+      const at::Tensor& x = THPVariable_Unpack(xo);
+      const at::Tensor& g = THPVariable_Unpack(go);
+      const int64_t numel = row[3];
+      if (x.numel() != numel || g.layout() != c10::kStrided ||
+          g.scalar_type() != x.scalar_type() || g.numel() != numel) {
+        status = 2;
+        break;
+      }
+      if (bo) {
+        const at::Tensor& b = THPVariable_Unpack(bo);
+        if (b.layout() != c10::kStrided || b.scalar_type() != x.scalar_type() ||
+            b.numel() != numel || (!row[4] && (address(b) != row[2] || !b.is_contiguous()))) {
+          status = 2;
+          break;
+        }
+      }
+      if (row[4]) continue;  // staged: copied from whatever the tensors are now
+      if (address(x) != row[0] || !x.is_contiguous() || !g.is_contiguous()) {
+        status = 2;
+        break;
+      }
+      const int64_t g_address = address(g);
+      if (g_address != row[1]) {
+        row[1] = g_address;
+        status = 1;
+      }
+    }
+  } catch (...) {  // e.g. a tensor without storage: not what the table describes
+    status = 2;
+  }
+  Py_DECREF(xs);
+  Py_DECREF(gs);
+  Py_XDECREF(bs);
+  PyBuffer_Release(&view);
+  return PyLong_FromLong(status);
+}
+
+PyMethodDef methods[] = {
+    {"grads_of_groups", grads_of_groups, METH_VARARGS, nullptr},
+    {"check_tensors", check_tensors, METH_VARARGS, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_polyak_host_pass", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__polyak_host_pass() { return PyModule_Create(&module); }

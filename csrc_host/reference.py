@@ -1,0 +1,88 @@
+"""The host pass in Python: the specification of host_pass.cpp, and what runs where the C++
+module cannot be built (no C++ compiler). Same arguments, same results; tests/test_host_pass.py
+holds the two to it."""
+
+from __future__ import annotations
+
+import torch
+
+#: Values per tensor in the table of check_tensors (see there).
+ROW = 5
+_strided = torch.strided
+
+
+def grads_of_groups(group_params, expected: tuple, counts: tuple):
+    """The .grad of every parameter that has one, in param-group order, if those parameters are
+    exactly `expected` (compared by identity) and group k holds counts[k] of them; else None.
+
+    This is what a step reads of every tensor when nothing changed: the caller keeps `expected`
+    and `counts` from the last step and takes the slow path (which sees what changed) on None."""
+    if len(group_params) != len(counts):
+        return None
+    out = []
+    for params, count in zip(group_params, counts):
+        start = len(out)
+        for p in params:
+            try:
+                g = p.grad
+            except AttributeError:  # not a tensor: the caller's slow path says what is wrong
+                return None
+            if g is None:
+                continue
+            if len(out) >= len(expected) or expected[len(out)] is not p:
+                return None
+            out.append(g)
+        if len(out) - start != count:
+            return None
+    return out if len(out) == len(expected) else None
+
+
+def check_tensors(params, grads, buffers, table) -> int:
+    """Whether the tensors are where `table` says, the fused launcher's check at every step.
+
+    `table` is a writable int64 buffer of ROW values per tensor: the addresses of the parameter,
+    its gradient and its state buffer (0 without one), the element count, and 1 for a tensor
+    the launcher copies through staging buffers (then only counts, dtypes and layouts matter).
+    Returns 0 when every tensor is as the table says; 1 when only gradient addresses changed
+    (the table then holds the new ones); 2 when anything else changed: a parameter or buffer
+    moved or was resized (``p.data = other``, ``model.to()``, ``swap_tensors``, even while
+    something keeps the old storage alive), a gradient is missing, sparse, of another dtype or
+    not contiguous. Tensors are looked at, never trusted: nothing is cached across steps but
+    the table."""
+    n = len(params)
+    rows = memoryview(table).cast("B").cast("q")
+    if rows.readonly:
+        raise TypeError("check_tensors: the table must be a writable buffer")
+    if len(grads) != n or (buffers is not None and len(buffers) != n) or len(rows) != n * ROW:
+        return 2
+    try:
+        return _check_rows(params, grads, buffers, rows, n)
+    except RuntimeError:  # e.g. a tensor without storage: not what the table describes
+        return 2
+
+
+def _check_rows(params, grads, buffers, rows, n) -> int:
+    status = 0
+    for i in range(n):
+        x_address, g_address, b_address, numel, staged = rows[i * ROW:(i + 1) * ROW]
+        x, g = params[i], grads[i]
+        b = buffers[i] if buffers is not None else None
+        if not torch.is_tensor(x) or not torch.is_tensor(g) or (b is not None and not
+                                                                 torch.is_tensor(b)):
+            return 2
+        if (x.numel() != numel or g.layout != _strided or g.dtype != x.dtype
+                or g.numel() != numel):
+            return 2
+        if b is not None and (b.layout != _strided or b.dtype != x.dtype or b.numel() != numel
+                              or (not staged and (b.data_ptr() != b_address
+                                                  or not b.is_contiguous()))):
+            return 2
+        if staged:
+            continue
+        if x.data_ptr() != x_address or not x.is_contiguous() or not g.is_contiguous():
+            return 2
+        address = g.data_ptr()
+        if address != g_address:
+            rows[i * ROW + 1] = address
+            status = 1
+    return status

@@ -43,6 +43,10 @@ new-gradient runs in the same process). ``--repeats`` runs the whole list again,
 since this shared VM's speed drifts over seconds (the same measurement gave 0.053 and 0.114 ms
 a minute apart at load average 0.6). The harness must exist and a C compiler must be on the
 PATH (Triton needs one too); the command stops with a message saying which is missing.
+
+The step's per-tensor work runs in csrc_host's compiled C++ module (built on the first run and
+cached); ``POLYAK_HOST_PASS=python python -m bench.host_cost ...`` measures its Python version,
+what runs where no C++ compiler is found. The CSV's note says which one ran.
 """
 
 from __future__ import annotations
@@ -230,7 +234,18 @@ def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches,
     return {"steps": steps, "median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1],
             "launches_per_step": "" if n_launches is None else (n_launches - n0) / steps,
             "launch_path": "compiled kernel" if getattr(K, "_COMPILED", None) else "kernel[grid]",
-            "note": ""}
+            "note": host_pass_in_use()}
+
+
+def host_pass_in_use() -> str:
+    """Which host pass the steps used (csrc_host: the compiled C++ module, or its Python
+    version: POLYAK_HOST_PASS=python measures that one)."""
+    try:
+        import csrc_host
+    except ImportError:  # a commit before the host pass (a "before" measurement)
+        return ""
+    return "host pass: " + ("Python" if csrc_host.implementation() is csrc_host.reference
+                            else "C++")
 
 
 def load_average() -> str:
@@ -346,7 +361,9 @@ def table(paths, before=None) -> str:
               f"{max(int(r['repeat']) for r in rows) + 1} run(s); load average (1/5/15 min) "
               f"from {loads[0]} to {loads[-1]}; launches per step: "
               f"{', '.join(sorted({r['launches_per_step'] for r in rows}))} "
-              f"({', '.join(sorted({r['launch_path'] for r in rows}))})."]
+              f"({', '.join(sorted({r['launch_path'] for r in rows}))})"
+              + "".join(f"; {note}" for note in sorted({r["note"] for r in rows if r["note"]}))
+              + "."]
     if before:
         b_rows = _read(before)[0]
         lines.append(f"Before: commit {b_rows[0]['git_sha']}, {b_rows[0]['date']} to "

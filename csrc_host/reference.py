@@ -57,32 +57,30 @@ def check_tensors(params, grads, buffers, table) -> int:
         return 2
     try:
         return _check_rows(params, grads, buffers, rows, n)
-    except RuntimeError:  # e.g. a tensor without storage: not what the table describes
+    except (RuntimeError, AttributeError):  # a tensor without storage, or not a tensor at all
         return 2
 
 
 def _check_rows(params, grads, buffers, rows, n) -> int:
+    values = rows.tolist()  # (reading the buffer once is cheaper than a slice per tensor)
     status = 0
-    for i in range(n):
-        x_address, g_address, b_address, numel, staged = rows[i * ROW:(i + 1) * ROW]
-        x, g = params[i], grads[i]
-        b = buffers[i] if buffers is not None else None
-        if not torch.is_tensor(x) or not torch.is_tensor(g) or (b is not None and not
-                                                                 torch.is_tensor(b)):
-            return 2
-        if (x.numel() != numel or g.layout != _strided or g.dtype != x.dtype
+    for i, x, g in zip(range(0, n * ROW, ROW), params, grads):
+        x_address, g_address, b_address, numel, staged = values[i:i + ROW]
+        dtype = x.dtype
+        if (x.numel() != numel or g.layout is not _strided or g.dtype is not dtype
                 or g.numel() != numel):
             return 2
-        if b is not None and (b.layout != _strided or b.dtype != x.dtype or b.numel() != numel
-                              or (not staged and (b.data_ptr() != b_address
-                                                  or not b.is_contiguous()))):
-            return 2
+        if buffers is not None:
+            b = buffers[i // ROW]
+            if (b.layout is not _strided or b.dtype is not dtype or b.numel() != numel
+                    or (not staged and (b.data_ptr() != b_address or not b.is_contiguous()))):
+                return 2
         if staged:
             continue
         if x.data_ptr() != x_address or not x.is_contiguous() or not g.is_contiguous():
             return 2
         address = g.data_ptr()
         if address != g_address:
-            rows[i * ROW + 1] = address
+            rows[i + 1] = address
             status = 1
     return status

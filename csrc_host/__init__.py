@@ -41,11 +41,11 @@ def _choose(choice: str):
         return reference
     if choice not in ("auto", "cpp"):
         raise ValueError(f"Invalid POLYAK_HOST_PASS: {choice!r} (expected auto, cpp or python)")
-    from .build import BuildError, build_and_load
-
     try:
+        from .build import build_and_load  # (fcntl: not on Windows)
+
         return build_and_load()
-    except BuildError as e:
+    except (ImportError, OSError, RuntimeError) as e:  # build.BuildError is a RuntimeError
         if choice == "cpp":
             raise
         warnings.warn(

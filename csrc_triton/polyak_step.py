@@ -510,6 +510,7 @@ class _Plan:
         self.lr_slots, self.n_lr_slots = lr_slots, n_lr_slots
         self.moved = [False]  # set when a watched parameter or buffer storage is freed
         self._watches: list = []
+        self.watching = grads_token is not None  # storages are watched for flat gradients only
         self.n_sums = N_SUMS.get(method, 1)
         self.groups: list[_Group] = []
         self.watched = np.zeros((len(params), csrc_host.ROW), dtype=np.int64)
@@ -597,6 +598,8 @@ class _Plan:
         """Check every tensor against `watched` and point the gradient column at `grads`; False
         if the plan must be rebuilt. With the token of the gradients the tables point at (flat
         gradients), only the next SPOT_CHECKS_PER_STEP tensors are checked."""
+        if token is not None and not self.watching:  # flat gradients from now on: rebuild
+            return False                             # once, with the storage watches
         check = csrc_host.implementation().check_tensors
         if token is not None and token is self.grads_token:
             start, n = self.spot_next, len(self.params)

@@ -412,6 +412,31 @@ def _backward_like(pair):
                 x.grad.add_(gx)
 
 
+def test_flat_gradients_turned_on_mid_run_watch_the_parameters(device):
+    """flatten_grads() after steps on the default path (whose plan watches no storage): the next
+    step rebuilds the plan with the storage watches, so that a parameter moved later (its old
+    storage freed) is seen at once, not only by the spot check."""
+    pair = Pair("inexact_polyak", device)
+    pair.grads()
+    pair.step()
+    assert not _plan(pair.opt).watching
+    pair.opt.flatten_grads()
+    pair.opt.zero_grad()
+    pair.ref.zero_grad()
+    _backward_like(pair)
+    pair.step()
+    plan = _plan(pair.opt)
+    assert plan.watching
+    for ps in (pair.params, pair.twin):
+        ps[0].data = ps[0].data.clone()   # the old storage is freed
+    assert plan.moved[0], "the watch on the old storage did not fire"
+    pair.opt.zero_grad()
+    pair.ref.zero_grad()
+    _backward_like(pair)
+    pair.step()                           # compares with the reference
+    assert _plan(pair.opt) is not plan
+
+
 def test_flat_zero_grad_zeroes_in_place_and_keeps_the_views(device):
     pair = _flat_pair("inexact_polyak", device)
     views = [p.grad for p in pair.params]

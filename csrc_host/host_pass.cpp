@@ -36,15 +36,17 @@ inline int64_t address(const at::Tensor& t) {
   return reinterpret_cast<int64_t>(t.const_data_ptr());
 }
 
-// grads_of_groups(group_params, expected, counts) -> list | None
+// grads_of_groups(group_params, expected, counts, whole=False) -> list | None
 //
 // The .grad of every parameter that has one, in param-group order, if those parameters are
 // exactly `expected` (a tuple, compared by identity) and group k holds counts[k] of them; else
-// None.
+// None. With `whole`, every parameter is listed, None for one without a gradient, and at least
+// one must have a gradient.
 PyObject* grads_of_groups(PyObject*, PyObject* args) {
   PyObject *groups, *expected, *counts;
-  if (!PyArg_ParseTuple(args, "OO!O!", &groups, &PyTuple_Type, &expected, &PyTuple_Type,
-                        &counts))
+  int whole = 0;
+  if (!PyArg_ParseTuple(args, "OO!O!|p", &groups, &PyTuple_Type, &expected, &PyTuple_Type,
+                        &counts, &whole))
     return nullptr;
   PyObject* groups_fast = PySequence_Fast(groups, "group_params must be a sequence");
   if (!groups_fast) return nullptr;
@@ -57,6 +59,7 @@ PyObject* grads_of_groups(PyObject*, PyObject* args) {
   }
   static PyObject* grad_name = PyUnicode_InternFromString("grad");
   bool same = n_groups == PyTuple_GET_SIZE(counts);
+  bool any_grad = false;
   Py_ssize_t j = 0;
   for (Py_ssize_t k = 0; same && k < n_groups; k++) {
     PyObject* ps = PySequence_Fast(PySequence_Fast_GET_ITEM(groups_fast, k), "params");
@@ -80,9 +83,10 @@ PyObject* grads_of_groups(PyObject*, PyObject* args) {
       if (!g) {
         PyErr_Clear();
         same = false;
-      } else if (g == Py_None) {
+      } else if (g == Py_None && !whole) {
         Py_DECREF(g);
       } else if (j < n && PyTuple_GET_ITEM(expected, j) == p) {
+        any_grad = any_grad || g != Py_None;
         PyList_SET_ITEM(out, j++, g);  // steals the reference
       } else {
         Py_DECREF(g);
@@ -97,7 +101,7 @@ PyObject* grads_of_groups(PyObject*, PyObject* args) {
     }
   }
   Py_DECREF(groups_fast);
-  if (!same || j != n) {
+  if (!same || j != n || !any_grad) {
     Py_DECREF(out);  // (unset items are NULL, which list deallocation skips)
     Py_RETURN_NONE;
   }

@@ -11,15 +11,18 @@ ROW = 5
 _strided = torch.strided
 
 
-def grads_of_groups(group_params, expected: tuple, counts: tuple):
+def grads_of_groups(group_params, expected: tuple, counts: tuple, whole: bool = False):
     """The .grad of every parameter that has one, in param-group order, if those parameters are
     exactly `expected` (compared by identity) and group k holds counts[k] of them; else None.
+    With `whole`, every parameter is listed (`expected` holds them all) and one without a
+    gradient gives None, but at least one must have a gradient.
 
     This is what a step reads of every tensor when nothing changed: the caller keeps `expected`
     and `counts` from the last step and takes the slow path (which sees what changed) on None."""
     if len(group_params) != len(counts):
         return None
     out = []
+    any_grad = False
     for params, count in zip(group_params, counts):
         start = len(out)
         for p in params:
@@ -27,14 +30,15 @@ def grads_of_groups(group_params, expected: tuple, counts: tuple):
                 g = p.grad
             except AttributeError:  # not a tensor: the caller's slow path says what is wrong
                 return None
-            if g is None:
+            if g is None and not whole:
                 continue
             if len(out) >= len(expected) or expected[len(out)] is not p:
                 return None
+            any_grad = any_grad or g is not None
             out.append(g)
         if len(out) - start != count:
             return None
-    return out if len(out) == len(expected) else None
+    return out if len(out) == len(expected) and any_grad else None
 
 
 def check_tensors(params, grads, buffers, table) -> int:

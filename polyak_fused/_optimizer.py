@@ -36,7 +36,6 @@ COMMON_SCALARS = ("step", "skipped")
 
 
 _grad_of = attrgetter("grad")
-_is_sparse = attrgetter("is_sparse")
 
 
 def _same_objects(a, b) -> bool:
@@ -164,6 +163,24 @@ def _in_current_format(state_dict: dict) -> dict:
     return {**state_dict, "state": state, "param_groups": groups}
 
 
+class _Live:
+    """What step() reads and writes between calls, besides the torch.optim state: the watched
+    loss pending for the next step, the flat gradients (flatten_grads), the packed scalar buffer
+    and its views, the fused path's cache. One object, made with the optimizer and never
+    rebound, so that a wrapper that forwards attribute reads (Lightning's LightningOptimizer)
+    or copies the optimizer's __dict__ sees and changes the same values: a loss watched, or
+    zero_grad() called, through the wrapper is the real optimizer's."""
+
+    __slots__ = ("watched_loss", "flat_grads", "packed", "views", "fused_cache")
+
+    def __init__(self):
+        self.watched_loss = None
+        self.flat_grads = None
+        self.packed = None
+        self.views = None
+        self.fused_cache = {}
+
+
 class PolyakFamilyOptimizer(torch.optim.Optimizer):
     """Base class; see the module docstring. Not for direct use.
 
@@ -182,6 +199,11 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     BUFFERS: tuple[str, ...] = ()
     GLOBAL_HPARAMS: tuple[str, ...] = ()
     NEEDS_LOSS: bool = True
+    #: Whether the method defines a quantity over the whole iterate (DoG's distances, the best
+    #: iterate): then every parameter takes part in the step, with None for a missing gradient
+    #: (not stepped, its buffers unchanged, still counted in those quantities: README,
+    #: "Parameters without a gradient"). Otherwise only the parameters with a .grad take part.
+    WHOLE_ITERATE: bool = False
 
     def __init__(self, params, defaults: dict, *, fused: bool | None, process_group=None,
                  average_loss: bool = True):
@@ -192,7 +214,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         self.fused = fused
         self.process_group, self.average_loss = distributed.check_options(process_group,
                                                                           average_loss)
-        self._fused_cache: dict = {}
+        self._live = _Live()
         if not torch.is_tensor(params):      # (torch.optim raises its own TypeError for a tensor)
             params = list(params)
             if params and isinstance(params[0], dict):
@@ -237,8 +259,8 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             self._check_new_group(param_group)
         super().add_param_group(param_group)
         self._fused_cache.clear()
-        self.__dict__.pop("_scalar_views", None)  # the first group makes the scalars; a float64
-        self._ensure_scalars()                    # group makes them float64
+        self._live.views = None  # the first group makes the scalars; a float64 group makes
+        self._ensure_scalars()   # them float64
 
     def _check_new_group(self, group: dict) -> None:
         params = group["params"]
@@ -275,7 +297,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
 
         Reading them never syncs; call .item() yourself outside the training loop if needed."""
         self._ensure_scalars()
-        views = self.__dict__.get("_scalar_views")
+        views = self._live.views
         if views is None:
             raise RuntimeError(f"{type(self).__name__} has no parameters, hence no global state")
         return dict(views)
@@ -324,8 +346,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         first = self._first_param()
         if first is None:
             return
-        views = self.__dict__.get("_scalar_views")
-        packed = self.__dict__.get("_packed_scalars")
+        views, packed = self._live.views, self._live.packed
         state = self.state.get(first)
         if (views is not None and state is not None and packed.device == first.device
                 and all(state.get(name) is view for name, view in views.items())):
@@ -347,9 +368,9 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 packed[i].fill_(float(value))              # e.g. a "step" saved as a number
             else:
                 packed[i].fill_(initial[name])
-        self._packed_scalars = packed
-        self._scalar_views = {name: packed[i] for i, name in enumerate(names)}
-        state.update(self._scalar_views)
+        self._live.packed = packed
+        self._live.views = {name: packed[i] for i, name in enumerate(names)}
+        state.update(self._live.views)
 
     def state_dict(self) -> dict:
         """torch.optim's, with an entry for every parameter: the ones without state get an empty
@@ -405,7 +426,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("fused", None)
         self.__dict__.setdefault("average_loss", True)
         self.__dict__.setdefault("process_group", None)
-        self._fused_cache = {}  # its tables point at the tensors of the original
+        self._live = _Live()  # (the fused cache's tables point at the tensors of the original)
         old = self.state.pop("scalars", None)  # pickled before the scalars moved (e9a6c3b)
         first = self._first_param()
         if isinstance(old, dict) and first is not None:
@@ -422,26 +443,37 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         not looked at again (_param_set, the fused launcher's tables)."""
         groups = self.param_groups
         group_params = [group["params"] for group in groups]
+        whole = self.WHOLE_ITERATE
         seen = self._fused_cache.get("collected")
         host_pass = self._fused_cache.get("host_pass")  # set when the last step was fused
         if seen is not None and host_pass is not None and seen.groups is groups:
-            grads = host_pass.grads_of_groups(group_params, seen.params, seen.counts)
+            grads = host_pass.grads_of_groups(group_params, seen.params, seen.counts, whole)
             if grads is not None:
                 return seen.params, grads, seen.lrs
         params, grads, slots, counts = [], [], [], []
+        any_grad = False
         for k, ps in enumerate(group_params):
             gs = list(map(_grad_of, ps))
             has = list(map(is_not, gs, repeat(None)))
-            params += compress(ps, has)
-            grads += compress(gs, has)
-            counts.append(sum(has))
+            any_grad = any_grad or any(has)
+            if whole:  # every parameter takes part; None marks the ones not stepped
+                params += ps
+                grads += gs
+                counts.append(len(ps))
+            else:
+                params += compress(ps, has)
+                grads += compress(gs, has)
+                counts.append(sum(has))
             slots += [k] * counts[-1]
+        if not any_grad:  # nothing to step (torch.optim's rule)
+            return (), [], _LrsByGroup(groups, ())
         same_params = seen is not None and _same_objects(seen.params, params)
         # A sparse gradient is refused here, before _param_set makes any state; except when the
         # last step took the fused path with these parameters: then the launcher refuses it
         # itself, before it launches anything, and this pass over the grads is saved.
         last = self._fused_cache.get("param_set")
-        if not (same_params and last is not None and last[2]) and any(map(_is_sparse, grads)):
+        if not (same_params and last is not None and last[2]) and any(
+                g is not None and g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         slots = tuple(slots)
         if same_params:  # the same tensors as before: hand over the same tuple
@@ -483,7 +515,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         path and installs the views again, with a warning. README, "Flat gradients"."""
         from ._flat_grads import FlatGrads
 
-        self._flat_grads = FlatGrads(type(self).__name__, self.param_groups)
+        self._live.flat_grads = FlatGrads(type(self).__name__, self.param_groups)
 
     def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -518,11 +550,12 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 "grad; this one does not (computed under torch.no_grad(), or detached?)")
         value = loss.detach().reshape(())
         dtype = self._packed_scalars.dtype
+        live = self._live
 
         def add_to_step_loss(w):  # runs inside backward, with w = d(backpropagated)/d(loss)
             term = w.detach().reshape(()).to(dtype) * value.to(dtype)
-            pending = self.__dict__.get("_watched_loss")
-            self._watched_loss = term if pending is None else pending + term
+            pending = live.watched_loss
+            live.watched_loss = term if pending is None else pending + term
 
         loss.register_hook(add_to_step_loss)
         return loss
@@ -530,12 +563,12 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, and drops what watched losses added since the last step. After
         flatten_grads(), zeroes the gradient buffers in place (the views stay)."""
-        flat = self.__dict__.get("_flat_grads")
+        flat = self._live.flat_grads
         if flat is not None and flat.intact(self.param_groups):
             flat.zero_()
         else:
             super().zero_grad(set_to_none)
-        self._watched_loss = None
+        self._live.watched_loss = None
 
     def _amp_scaling(self):
         """GradScaler's (grad_scale, found_inf) for this step, or (None, None) without one.
@@ -587,16 +620,16 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         grad_scale, found_inf = self._amp_scaling()
-        watched = self.__dict__.get("_watched_loss")
+        watched = self._live.watched_loss
         step_loss = self._loss_for_step(loss, closure_loss, watched, grad_scale, found_inf)
-        self._watched_loss = None
+        self._live.watched_loss = None
         if self.NEEDS_LOSS and step_loss is None:
             raise ValueError(
                 f"{type(self).__name__} computes its step size from the loss: call "
                 f"opt.watch_loss(loss) before loss.backward() (or step(loss=loss) after it) with the "
                 f"loss of the batch whose gradients are in .grad, or pass a closure")
         result = closure_loss if closure is not None else step_loss
-        flat = self.__dict__.get("_flat_grads")
+        flat = self._live.flat_grads
         on_views = flat is not None and flat.intact(self.param_groups)
         # flat gradients: the token vouches for the gradients, and the launcher checks only a
         # few tensors per step (csrc_triton.polyak_step._Plan)
@@ -627,3 +660,13 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         """The global hyperparameters, read from the param groups (all equal), so that
         load_state_dict brings back the saved ones, as torch.optim does."""
         return {name: self.param_groups[0][name] for name in self.GLOBAL_HPARAMS}
+
+    # ---- what step() keeps between calls: in self._live (see _Live) --------------------------
+    @property
+    def _packed_scalars(self) -> torch.Tensor:
+        """The packed global scalars (one device buffer): what the step reads and writes."""
+        return self._live.packed
+
+    @property
+    def _fused_cache(self) -> dict:
+        return self._live.fused_cache

@@ -143,7 +143,7 @@ def _sharded_layout(optimizer, params, grads, group):
                 f"{type(optimizer).__name__} needs every DTensor parameter on one device mesh "
                 f"with one placement; got {p.placements} on {p.device_mesh} and {placements} on "
                 f"{mesh}")
-        if g.placements != p.placements:
+        if g is not None and g.placements != p.placements:
             raise ValueError(
                 f"{type(optimizer).__name__}: the gradient of a DTensor parameter must have the "
                 f"parameter's placements {p.placements}, got {g.placements}")
@@ -195,14 +195,14 @@ def reduction_for(optimizer, params, grads, buffers):
             f"plain tensors; the global norm would count the plain ones once per rank. Shard every "
             f"parameter the optimizer holds (fully_shard the root module) or use one optimizer "
             f"per kind")
-    if False in {issubclass(k, DTensor) for k in {type(g) for g in grads}}:
+    if False in {issubclass(k, DTensor) for k in {type(g) for g in grads if g is not None}}:
         raise ValueError(f"{type(optimizer).__name__}: a DTensor parameter has a plain gradient")
     key = (group, tuple(map(id, params)))
     checked = _CHECKED.get(optimizer)
     if checked is None or checked[0] != key:  # first step, or another set of parameters
         checked = _CHECKED[optimizer] = (key, *_sharded_layout(optimizer, params, grads, group))
     _, group, world, replicas = checked
-    local = ([_local(p) for p in params], [_local(g) for g in grads],
+    local = ([_local(p) for p in params], [None if g is None else _local(g) for g in grads],
              {name: [_local(b) if isinstance(b, DTensor) else b for b in bufs]
               for name, bufs in buffers.items()})
     reduction = _AllReduce(group, world, average_loss, reduce_sums=True, replicas=replicas) \

@@ -30,7 +30,10 @@ class DoG(PolyakFamilyOptimizer):
 
     Symbols: lambda = ``weight_decay`` (coupled, as in the authors' code); eps = 1e-8;
     all norms are global over every parameter of every group (the authors' code takes one norm
-    per group). x_0 is kept per parameter as state ``"x0"``; ``scalars`` holds ``rbar`` and ``G``.
+    per group). x_0 is kept per parameter as state ``"x0"`` (made at the first step for every
+    parameter); ``scalars`` holds ``rbar`` and ``G``. A parameter whose ``.grad`` is None is not
+    stepped (weight decay included) and adds nothing to ||d||^2, but ||x_t - x_0|| and ||x_0||
+    still cover it: None and a zero gradient give the same step without weight decay.
 
     Args:
         params: parameters or param groups (groups may set their own ``lr``).
@@ -58,6 +61,7 @@ class DoG(PolyakFamilyOptimizer):
     BUFFERS = ("x0",)
     GLOBAL_HPARAMS = ("reps_rel", "weight_decay")
     NEEDS_LOSS = False
+    WHOLE_ITERATE = True  # ||x_t - x_0|| and ||x_0|| cover the parameters without a gradient
 
     def __init__(self, params, reps_rel: float = 1e-6, lr=1.0, weight_decay: float = 0.0, *,
                  fused: bool | None = None,
@@ -82,7 +86,8 @@ class DoG(PolyakFamilyOptimizer):
 def dog(params, grads, x0s, scalars, *, loss=None, reps_rel=1e-6, weight_decay=0.0, lrs=1.0,
         grad_scale=None, found_inf=None, fused=False, cache=None):
     """Functional form of :class:`DoG` (packed scalars: step, skipped, step_size, rbar, G;
-    ``x0s``: the initial parameters, ``state["x0"]``).
+    ``x0s``: the initial parameters, ``state["x0"]``). ``grads`` may hold None: that parameter is
+    not stepped, but counts in ||x_t - x_0|| and ||x_0||.
 
     Build the state once with ``DoG.functional_state(params, ...)`` (the same keyword arguments
     as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
@@ -100,13 +105,16 @@ def dog(params, grads, x0s, scalars, *, loss=None, reps_rel=1e-6, weight_decay=0
 def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay, grad_scale,
                    found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     dt = scalars.dtype
+    distances = [E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)]     # over every parameter
+    stepped = [i for i, g in enumerate(grads) if g is not None]        # those with a gradient
+    params, grads = [params[i] for i in stepped], [grads[i] for i in stepped]
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     d = [E.up(g) + weight_decay * E.up(x) for g, x in zip(grads, params)]  # d_t = g_t + lambda x_t
     loss, grad_sq, dist_sq, x0_sq = E.across_ranks(
         loss,
         E.sum_of_squares(d, dt),                                            # ||d_t||^2
-        E.sum_of_squares([E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)], dt),  # ||x_t - x_0||^2
+        E.sum_of_squares(distances, dt),                                    # ||x_t - x_0||^2
         E.sum_of_squares(x0s, dt))                                          # ||x_0||^2
     finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
     dist = torch.sqrt(dist_sq)

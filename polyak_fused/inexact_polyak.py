@@ -54,7 +54,8 @@ class InexactPolyak(PolyakFamilyOptimizer):
         track_best (bool): keep the best iterate of Algorithm 1 (one extra copy of the
             parameters): ``best_loss`` is the lowest loss seen and ``load_best()`` copies that
             iterate into the parameters. The paper uses it for convex problems, not for
-            networks.
+            networks. The snapshot covers every parameter, also one whose ``.grad`` is None
+            at that step (not stepped, but part of the iterate).
         fused (bool or None): None takes the Triton kernels for CUDA tensors and the eager
             reference otherwise; True insists on the kernels; False always takes the reference.
         process_group: the torch.distributed group to reduce the loss and the norm over
@@ -127,6 +128,10 @@ class InexactPolyak(PolyakFamilyOptimizer):
     def BUFFERS(self):  # noqa: N802 - the per-parameter state names, as in the base class
         return ("best",) if self._hparams()["track_best"] else ()
 
+    @property
+    def WHOLE_ITERATE(self):  # noqa: N802 - the best iterate is a snapshot of every parameter
+        return self._hparams()["track_best"]
+
     def _initial_scalars(self):
         return {"step_size": 0.0, "best_loss": math.inf}
 
@@ -172,7 +177,8 @@ def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
     """Functional form of :class:`InexactPolyak`: one step over flat lists, in place.
 
     ``scalars`` is the packed global state (step, skipped, step_size, best_loss);
-    ``best_params`` the best iterate (``track_best=True``) or None.
+    ``best_params`` the best iterate (``track_best=True``) or None. With ``track_best``,
+    ``grads`` may hold None: that parameter is not stepped but is part of the best iterate.
     Build the state once with ``InexactPolyak.functional_state(params, ...)`` (the same keyword arguments
     as the class), keep it, and pass its entries on every call; ``lrs`` is one multiplier for
     every tensor or a list of one per tensor. The hyperparameters default as in the class.
@@ -201,6 +207,9 @@ def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
 def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
                               lower_bound, track_best, grad_scale, found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    iterate = list(params)                                            # x_t, every parameter
+    stepped = [i for i, g in enumerate(grads) if g is not None]       # those with a gradient
+    params, grads = [params[i] for i in stepped], [grads[i] for i in stepped]
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
     finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
@@ -209,7 +218,7 @@ def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss,
                       gap / (math.sqrt(total_steps) * grad_sq), 0.0)  # eq. 14
     if track_best:  # Algorithm 1: if f(x_t) <= f_best: f_best, x_best <- f(x_t), x_t
         improved = finite & (loss <= s["best_loss"])
-        for x, b in zip(params, best_params):
+        for x, b in zip(iterate, best_params):
             E.write_if(improved, b, x)
         E.write_if(improved, s["best_loss"], loss)
     E.descend(params, grads, lrs, eta, finite)                        # x <- x - lr * eta * g

@@ -165,9 +165,10 @@ def _groups(gen):
     return groups
 
 
-def _expected(groups):
-    params = tuple(p for ps in groups for p in ps if p.grad is not None)
-    counts = tuple(sum(p.grad is not None for p in ps) for ps in groups)
+def _expected(groups, whole=False):
+    """What a step expects: the params with a .grad, or with `whole` every param."""
+    params = tuple(p for ps in groups for p in ps if whole or p.grad is not None)
+    counts = tuple(sum(whole or p.grad is not None for p in ps) for ps in groups)
     return params, counts
 
 
@@ -193,29 +194,49 @@ def _with_grad(p):
     return p
 
 
+#: The changes after which the last step's params are still the ones to hand over: with only the
+#: params that have a .grad, and with every param (`whole`: a .grad that comes or goes is None).
+STILL_THE_SAME = {False: ("nothing", "grad_replaced", "group_as_tuple"),
+                  True: ("nothing", "grad_replaced", "group_as_tuple", "grad_removed",
+                         "grad_appears")}
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["with_grads", "whole"])
 @pytest.mark.parametrize("change", list(GROUP_CHANGES))
-def test_grads_of_groups_compiled_equals_reference(compiled, change):
+def test_grads_of_groups_compiled_equals_reference(compiled, change, whole):
     for seed in range(3):
         results = []
         for module in (reference, compiled):
             groups = _groups(torch.Generator().manual_seed(seed))
-            params, counts = _expected(groups)
-            got = module.grads_of_groups(groups, params, counts)
+            params, counts = _expected(groups, whole)
+            got = module.grads_of_groups(groups, params, counts, whole)
             assert got is not None and all(g is p.grad for g, p in zip(got, params))
+            assert (None in got) == whole
             GROUP_CHANGES[change](groups)
-            got = module.grads_of_groups(groups, params, counts)
+            got = module.grads_of_groups(groups, params, counts, whole)
             if got is not None:
                 assert all(g is p.grad for g, p in zip(got, params)) and len(got) == len(params)
                 results.append("same")
             else:
                 results.append(None)
             if change == "subclass_with_own_grad":  # recognised by its own .grad
-                params, counts = _expected(groups)
-                got = module.grads_of_groups(groups, params, counts)
+                params, counts = _expected(groups, whole)
+                got = module.grads_of_groups(groups, params, counts, whole)
                 assert got is not None and got[-1] is groups[2][-1].grad
         assert results[0] == results[1], (change, seed)
-        assert (results[0] == "same") == (change in ("nothing", "grad_replaced",
-                                                     "group_as_tuple")), change
+        assert (results[0] == "same") == (change in STILL_THE_SAME[whole]), change
+
+
+@pytest.mark.parametrize("compiled_or_not", ["reference", "compiled"])
+def test_grads_of_groups_whole_needs_one_gradient(compiled, compiled_or_not):
+    """With every .grad None there is nothing to step: the caller's slow path says so."""
+    module = compiled if compiled_or_not == "compiled" else reference
+    groups = [[torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]]
+    params, counts = _expected(groups, whole=True)
+    assert module.grads_of_groups(groups, params, counts, True) is None
+    groups[0][1].grad = torch.ones(3)
+    got = module.grads_of_groups(groups, params, counts, True)
+    assert got[0] is None and got[1] is groups[0][1].grad
 
 
 # ---------------------------------------------------------------------------------------------

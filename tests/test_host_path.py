@@ -476,7 +476,7 @@ def test_flat_gradient_replaced_is_seen_at_once(how, device):
     """One .grad replaced, outside the spot check's next window: the buffer's use count alone
     shows it, at the next check."""
     pair = _flat_pair("polyak", device)
-    flat = pair.opt._flat_grads
+    flat = pair.opt._live.flat_grads
     _backward_like(pair)
     pair.step()
     i = next(i for i in range(len(flat.params))
@@ -490,7 +490,7 @@ def test_flat_gradient_replaced_while_the_old_view_is_kept(device):
     """The case the use count cannot see: the old view kept elsewhere. The spot check (two
     parameters per step, in turn) finds it within len(params) / 2 steps."""
     pair = _flat_pair("inexact_polyak", device)
-    flat = pair.opt._flat_grads
+    flat = pair.opt._live.flat_grads
     _backward_like(pair)
     pair.step()
     kept = [p.grad for p in pair.params]   # references to every view
@@ -556,7 +556,7 @@ def test_flat_gradients_pick_up_an_unfrozen_parameter(device):
     pair.params[2].requires_grad_(False)
     pair.twin[2].requires_grad_(False)
     pair.opt.flatten_grads()
-    flat = pair.opt._flat_grads
+    flat = pair.opt._live.flat_grads
     assert pair.params[2].grad is None and len(flat.frozen) == 1
     pair.params[2].requires_grad_(True)
     pair.twin[2].requires_grad_(True)
@@ -568,7 +568,7 @@ def test_flat_gradients_pick_up_an_unfrozen_parameter(device):
             _backward_like(pair)
             pair.step()
     assert pair.params[2].grad._base is not None, "the unfrozen parameter got no view"
-    assert len(pair.opt._flat_grads.frozen) == 0
+    assert len(pair.opt._live.flat_grads.frozen) == 0
 
 
 def test_flat_gradients_refuse_sparse_gradients(device):

@@ -605,7 +605,7 @@ def test_an_optimizer_pickled_with_the_older_layout_unpickles():
     expected = {n: v.clone() for n, v in opt.scalars.items()}
     first = first_param(opt)
     opt.state["scalars"] = {n: opt.state[first].pop(n) for n in scalar_names(opt)}
-    del opt._scalar_views, opt._packed_scalars
+    opt._live.views = opt._live.packed = None
     clone = pickle.loads(pickle.dumps(opt))
     assert "scalars" not in clone.state
     for n, v in expected.items():

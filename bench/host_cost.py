@@ -9,14 +9,13 @@ target and launched through Triton's real launch path, only the CUDA driver is a
 
 On a machine that trains on a GPU, the fused step of a model with thousands of small tensors is
 bound by the host: the Python work of step() takes longer than the three kernels. This benchmark
-measures that Python work on any Linux machine. It uses the shared harness
-``../shared/tools/fakecuda`` (beside the checkout; ``--fakecuda DIR`` or ``POLYAK_FAKECUDA`` to
-point elsewhere): a stub ``libcuda.so.1`` (every driver call Triton's C launcher makes returns
-success and does nothing; ``cuLaunchKernelEx`` only counts) and a Triton driver object that
-reports an sm_90 device. The kernels compile for sm_90 with the ptxas Triton ships (seconds, on
-the first step), and every launch goes through ``JITFunction.run`` or the compiled kernel's runner
-and Triton's compiled C launcher, exactly as on a GPU host. Not measured: the real driver's
-``cuLaunchKernelEx`` (a few microseconds per launch on a real machine) and any GPU time.
+measures that Python work on any Linux machine, with the project's stub CUDA driver
+(``bench.fakecuda``: a stub ``libcuda.so.1`` whose ``cuLaunchKernelEx`` only records, and a
+Triton driver that reports sm_90 devices). The kernels compile for sm_90 with the ptxas Triton
+ships (seconds, on the first step), and every launch goes through ``JITFunction.run`` or the
+compiled kernel's runner and Triton's compiled C launcher, exactly as on a GPU host. Not
+measured: the real driver's ``cuLaunchKernelEx`` (a few microseconds per launch on a real
+machine) and any GPU time.
 
 The tensors stay in host memory; their addresses reach the stub and are never read. The library
 is told to take the fused path for them (``interpreter_enabled`` patched to True) and to use the
@@ -35,14 +34,13 @@ bench.layouts "gpt2_small"); the others are N tensors of ``--numel`` elements (6
 on a GPU host the tensors' data is in device memory and their host-side metadata lies close
 together; large host tensors would spread it out and add cache misses a GPU host does not have).
 
-Every measurement runs in a fresh process (LD_LIBRARY_PATH pointing at the stub, which the
-dynamic loader reads only at start-up): a process that has already built and dropped other
+Every measurement runs in a fresh process: a process that has already built and dropped other
 optimizers leaves its heap fragmented, and the per-tensor host work then reads metadata spread
 over more cache lines (measured: 10000 tensors, same gradients, 1.0 ms alone and 4 ms after the
 new-gradient runs in the same process). ``--repeats`` runs the whole list again, interleaved,
 since this shared VM's speed drifts over seconds (the same measurement gave 0.053 and 0.114 ms
-a minute apart at load average 0.6). The harness must exist and a C compiler must be on the
-PATH (Triton needs one too); the command stops with a message saying which is missing.
+a minute apart at load average 0.6). A C compiler must be on the PATH (Triton needs one too)
+and Triton must ship ptxas; the command stops with a message saying which is missing.
 
 The step's per-tensor work runs in csrc_host's compiled C++ module (built on the first run and
 cached); ``POLYAK_HOST_PASS=python python -m bench.host_cost ...`` measures its Python version,
@@ -54,22 +52,17 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_HARNESS = ROOT.parent / "shared" / "tools" / "fakecuda"
 RESULTS = ROOT / "bench" / "results"
-_CHILD = "POLYAK_HOST_COST_CHILD"
 SCENARIOS = ("same_grads", "new_grads", "flat_grads")
 COLUMNS = ("date", "git_sha", "host", "load_start", "load_end", "python", "torch", "triton",
            "harness", "tensors", "layout", "scenario", "repeat", "steps", "median_ms", "p20_ms",
@@ -81,54 +74,10 @@ TARGETS = {("same_grads", 148): 0.05, ("same_grads", 2000): 0.16, ("new_grads", 
 H100_SMS = 132
 
 
-class HarnessMissing(SystemExit):
-    pass
-
-
-def find_harness(explicit: str | None) -> Path:
-    path = Path(explicit or os.environ.get("POLYAK_FAKECUDA") or DEFAULT_HARNESS)
-    needed = ("fake_libcuda.c", "fake_triton_driver.py")
-    missing = [n for n in needed if not (path / n).is_file()]
-    if missing:
-        raise HarnessMissing(
-            f"bench.host_cost needs the fakecuda harness (a stub libcuda and a fake Triton "
-            f"driver): {', '.join(missing)} not found in {path}. It lives beside the checkout in "
-            f"../shared/tools/fakecuda; pass --fakecuda DIR or set POLYAK_FAKECUDA=DIR.")
-    return path
-
-
-def build_stub(harness: Path) -> Path:
-    """Compile the stub libcuda.so.1 (once per source and Triton version) and return its folder."""
-    import triton
-
-    tri = Path(triton.__file__).parent
-    src = harness / "fake_libcuda.c"
-    digest = hashlib.sha256(src.read_bytes() + triton.__version__.encode()).hexdigest()[:16]
-    out_dir = Path(tempfile.gettempdir()) / f"polyak_fakecuda_{digest}"
-    lib = out_dir / "libcuda.so.1"
-    if lib.is_file():
-        return out_dir
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        raise HarnessMissing("bench.host_cost needs a C compiler (gcc or cc) to build the stub "
-                             "libcuda.so.1; none is on the PATH")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"libcuda.so.1.{os.getpid()}"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{tri / 'backends' / 'nvidia' / 'include'}",
-                    str(src), "-o", str(tmp)], check=True)
-    tmp.replace(lib)
-    return out_dir
-
-
-def stub_env(harness: Path) -> dict:
-    """The environment of a measuring process: the stub found first, no interpreter."""
-    stub = build_stub(harness)
+def child_env() -> dict:
+    """The environment of a measuring process: no interpreter (real JITFunctions)."""
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions
-    env["LD_LIBRARY_PATH"] = f"{stub}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") \
-        else str(stub)
-    env["TRITON_LIBCUDA_PATH"] = str(stub)
-    env[_CHILD] = str(harness)
+    env.pop("TRITON_INTERPRET", None)
     return env
 
 
@@ -147,25 +96,16 @@ def measure_in_fresh_process(env: dict, args, n: int, scenario: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Inside the child process (stub driver installed)
 # ------------------------------------------------------------------------------------------------
-def install_fake_driver(harness: Path):
-    """Install the fake sm_90 driver and return a function giving the stub's launch count."""
-    import ctypes
+def install_fake_driver():
+    """Install the stub sm_90 driver and return a function giving its launch count."""
+    from bench import fakecuda
 
-    sys.path.insert(0, str(harness))
-    import fake_triton_driver
-
-    fake_triton_driver.install(real_c_launcher=True)
-    # The stub answers 1024 to every device attribute; Triton checks a kernel's shared memory
-    # against "max_shared_mem" before its first launch, so report an H100's (227 KiB).
-    from triton.runtime import driver
-
-    utils = driver.active.utils
-    stub_properties = utils.get_device_properties
-    utils.get_device_properties = lambda device: {**stub_properties(device),
-                                                  "max_shared_mem": 232448}
-    stub = ctypes.CDLL("libcuda.so.1")
-    counter = ctypes.c_longlong.in_dll(stub, "n_launch")
-    return lambda: counter.value
+    try:
+        harness = fakecuda.install(record=False)
+    except fakecuda.Unsupported as e:
+        raise SystemExit(f"bench.host_cost needs the stub CUDA driver of bench.fakecuda, which "
+                         f"cannot run here: {e}") from e
+    return harness.n_launches
 
 
 def fused_on_host_memory() -> None:
@@ -261,7 +201,7 @@ def measure_one(args) -> dict:
     if args.device == "cuda":
         launches = lambda: None  # noqa: E731
     else:
-        launches = install_fake_driver(Path(os.environ[_CHILD]))
+        launches = install_fake_driver()
     import torch
 
     torch.set_num_threads(1)
@@ -288,7 +228,7 @@ def run_all(args) -> int:
         env.pop("TRITON_INTERPRET", None)
         host = f"{device_name(torch.device('cpu'))}, {device_name(torch.device('cuda'))}"
     else:
-        env = stub_env(find_harness(args.fakecuda))
+        env = child_env()
         harness = "fakecuda: sm_90 compile, real C launcher, stub driver; one process each"
         host = device_name(torch.device("cpu"))
     common = {"git_sha": git_sha(), "host": host, "python": platform.python_version(),
@@ -392,8 +332,6 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     ap.add_argument("--out", default="", help="CSV path (default "
                     "bench/results/host_cost_<device>_<date>.csv)")
-    ap.add_argument("--fakecuda", default=None, help="the harness folder (default "
-                    "../shared/tools/fakecuda beside the checkout, or $POLYAK_FAKECUDA)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (default): the stub driver; cuda: a real GPU, no stub")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # N:scenario, in a child

@@ -24,6 +24,8 @@ from . import reference
 
 #: Values per tensor in check_tensors' table (host_pass.cpp has the same).
 ROW = reference.ROW
+#: State buffers per tensor that table has room for.
+MAX_BUFFERS = reference.MAX_BUFFERS
 
 _chosen = None
 

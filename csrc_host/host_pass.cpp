@@ -110,32 +110,47 @@ PyObject* grads_of_groups(PyObject*, PyObject* args) {
 
 // check_tensors(params, grads, buffers, table) -> 0, 1 or 2
 //
+// `buffers`: a tuple of at most MAX_BUFFERS sequences, one state buffer per tensor in each.
 // `table`: a writable int64 buffer of ROW values per tensor: the addresses of the parameter,
-// its gradient and its state buffer (0 without one), the element count, and 1 for a tensor the
-// caller copies through staging buffers (then only counts, dtypes and layouts are checked).
-// 0: every tensor is as the table says; 1: only gradient addresses changed, and the table now
-// holds the new ones; 2: something else changed (rebuild).
-constexpr Py_ssize_t ROW = 5;
+// its gradient (0: none) and its state buffers (0 where there is none), the element count, and
+// 1 for a tensor the caller copies through staging buffers (then only counts, dtypes and
+// layouts are checked, and the gradient column says 1 for a gradient, 0 for none). A gradient
+// may be None. 0: every tensor is as the table says; 1: only the gradient column changed, and
+// the table now holds the new values; 2: something else changed (rebuild).
+constexpr Py_ssize_t ROW = 6;
+constexpr Py_ssize_t MAX_BUFFERS = 2;
 
 PyObject* check_tensors(PyObject*, PyObject* args) {
   PyObject *params, *grads, *buffers;
   Py_buffer view;
-  if (!PyArg_ParseTuple(args, "OOOw*", &params, &grads, &buffers, &view)) return nullptr;
+  if (!PyArg_ParseTuple(args, "OOO!w*", &params, &grads, &PyTuple_Type, &buffers, &view))
+    return nullptr;
   PyObject* xs = PySequence_Fast(params, "params must be a sequence");
   PyObject* gs = xs ? PySequence_Fast(grads, "grads must be a sequence") : nullptr;
-  PyObject* bs = nullptr;
-  if (gs && buffers != Py_None) bs = PySequence_Fast(buffers, "buffers must be a sequence");
-  if (!gs || (buffers != Py_None && !bs)) {
+  const Py_ssize_t n_buffers = PyTuple_GET_SIZE(buffers);
+  PyObject* bs[MAX_BUFFERS] = {nullptr, nullptr};
+  bool ok_args = gs != nullptr;
+  for (Py_ssize_t k = 0; ok_args && k < n_buffers && k < MAX_BUFFERS; k++) {
+    bs[k] = PySequence_Fast(PyTuple_GET_ITEM(buffers, k), "buffers must hold sequences");
+    ok_args = bs[k] != nullptr;
+  }
+  auto release = [&]() {
     Py_XDECREF(xs);
     Py_XDECREF(gs);
+    for (Py_ssize_t k = 0; k < MAX_BUFFERS; k++) Py_XDECREF(bs[k]);
     PyBuffer_Release(&view);
+  };
+  if (!ok_args) {
+    release();
     return nullptr;
   }
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(xs);
   int status = 0;
-  if (PySequence_Fast_GET_SIZE(gs) != n || (bs && PySequence_Fast_GET_SIZE(bs) != n) ||
+  if (PySequence_Fast_GET_SIZE(gs) != n || n_buffers > MAX_BUFFERS ||
       view.len != static_cast<Py_ssize_t>(n * ROW * sizeof(int64_t)))
     status = 2;
+  for (Py_ssize_t k = 0; status != 2 && k < n_buffers; k++)
+    if (PySequence_Fast_GET_SIZE(bs[k]) != n) status = 2;
   int64_t* table = static_cast<int64_t*>(view.buf);
   PyTypeObject* ok = nullptr;
   try {
@@ -143,33 +158,51 @@ PyObject* check_tensors(PyObject*, PyObject* args) {
       int64_t* row = table + i * ROW;
       PyObject* xo = PySequence_Fast_GET_ITEM(xs, i);
       PyObject* go = PySequence_Fast_GET_ITEM(gs, i);
-      PyObject* bo = bs ? PySequence_Fast_GET_ITEM(bs, i) : nullptr;
-      if (!any_tensor(xo, ok) || !any_tensor(go, ok) || (bo && !any_tensor(bo, ok))) {
+      const bool has_grad = go != Py_None;
+      if (!any_tensor(xo, ok) || (has_grad && !any_tensor(go, ok))) {
         status = 2;
         break;
       }
       const at::Tensor& x = THPVariable_Unpack(xo);
-      const at::Tensor& g = THPVariable_Unpack(go);
-      const int64_t numel = row[3];
-      if (x.numel() != numel || g.layout() != c10::kStrided ||
-          g.scalar_type() != x.scalar_type() || g.numel() != numel) {
+      const int64_t numel = row[4];
+      const bool staged = row[5] != 0;
+      if (x.numel() != numel) {
         status = 2;
         break;
       }
-      if (bo) {
-        const at::Tensor& b = THPVariable_Unpack(bo);
-        if (b.layout() != c10::kStrided || b.scalar_type() != x.scalar_type() ||
-            b.numel() != numel || (!row[4] && (address(b) != row[2] || !b.is_contiguous()))) {
+      if (has_grad) {
+        const at::Tensor& g = THPVariable_Unpack(go);
+        if (g.layout() != c10::kStrided || g.scalar_type() != x.scalar_type() ||
+            g.numel() != numel || (!staged && !g.is_contiguous())) {
           status = 2;
           break;
         }
       }
-      if (row[4]) continue;  // staged: copied from whatever the tensors are now
-      if (address(x) != row[0] || !x.is_contiguous() || !g.is_contiguous()) {
+      for (Py_ssize_t k = 0; status != 2 && k < n_buffers; k++) {
+        PyObject* bo = PySequence_Fast_GET_ITEM(bs[k], i);
+        if (!any_tensor(bo, ok)) {
+          status = 2;
+          break;
+        }
+        const at::Tensor& b = THPVariable_Unpack(bo);
+        if (b.layout() != c10::kStrided || b.scalar_type() != x.scalar_type() ||
+            b.numel() != numel || (!staged && (address(b) != row[2 + k] || !b.is_contiguous())))
+          status = 2;
+      }
+      if (status == 2) break;
+      if (staged) {  // copied from whatever the tensors are now; the column says if g exists
+        const int64_t present = has_grad ? 1 : 0;
+        if (row[1] != present) {
+          row[1] = present;
+          status = 1;
+        }
+        continue;
+      }
+      if (address(x) != row[0] || !x.is_contiguous()) {
         status = 2;
         break;
       }
-      const int64_t g_address = address(g);
+      const int64_t g_address = has_grad ? address(THPVariable_Unpack(go)) : 0;
       if (g_address != row[1]) {
         row[1] = g_address;
         status = 1;
@@ -178,10 +211,7 @@ PyObject* check_tensors(PyObject*, PyObject* args) {
   } catch (...) {  // e.g. a tensor without storage: not what the table describes
     status = 2;
   }
-  Py_DECREF(xs);
-  Py_DECREF(gs);
-  Py_XDECREF(bs);
-  PyBuffer_Release(&view);
+  release();
   return PyLong_FromLong(status);
 }
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 #: Values per tensor in the table of check_tensors (see there).
-ROW = 5
+ROW = 6
+#: State buffers per tensor the table has room for (MoMo-Adam has two).
+MAX_BUFFERS = 2
 _strided = torch.strided
 
 
@@ -44,20 +46,26 @@ def grads_of_groups(group_params, expected: tuple, counts: tuple, whole: bool = 
 def check_tensors(params, grads, buffers, table) -> int:
     """Whether the tensors are where `table` says, the fused launcher's check at every step.
 
-    `table` is a writable int64 buffer of ROW values per tensor: the addresses of the parameter,
-    its gradient and its state buffer (0 without one), the element count, and 1 for a tensor
-    the launcher copies through staging buffers (then only counts, dtypes and layouts matter).
-    Returns 0 when every tensor is as the table says; 1 when only gradient addresses changed
-    (the table then holds the new ones); 2 when anything else changed: a parameter or buffer
-    moved or was resized (``p.data = other``, ``model.to()``, ``swap_tensors``, even while
-    something keeps the old storage alive), a gradient is missing, sparse, of another dtype or
-    not contiguous. Tensors are looked at, never trusted: nothing is cached across steps but
-    the table."""
+    `buffers` is a tuple of at most MAX_BUFFERS sequences, each holding one state buffer per
+    tensor. `table` is a writable int64 buffer of ROW values per tensor: the addresses of the
+    parameter, its gradient (0: no gradient) and its state buffers (0 where there is none), the
+    element count, and 1 for a tensor the launcher copies through staging buffers (then only
+    counts, dtypes and layouts matter, and the gradient column holds 1 for a gradient, 0 for
+    none). A gradient may be None (a parameter that takes part in the step without being
+    stepped).
+
+    Returns 0 when every tensor is as the table says; 1 when only the gradient column changed
+    (new addresses, a gradient that appeared or went: the table then holds the new values); 2
+    when anything else changed: a parameter or buffer moved or was resized (``p.data = other``,
+    ``model.to()``, ``swap_tensors``, even while something keeps the old storage alive), a
+    gradient is sparse, of another dtype or size, or not contiguous. Tensors are looked at,
+    never trusted: nothing is cached across steps but the table."""
     n = len(params)
     rows = memoryview(table).cast("B").cast("q")
     if rows.readonly:
         raise TypeError("check_tensors: the table must be a writable buffer")
-    if len(grads) != n or (buffers is not None and len(buffers) != n) or len(rows) != n * ROW:
+    if (len(grads) != n or len(buffers) > MAX_BUFFERS or any(len(b) != n for b in buffers)
+            or len(rows) != n * ROW):
         return 2
     try:
         return _check_rows(params, grads, buffers, rows, n)
@@ -69,21 +77,29 @@ def _check_rows(params, grads, buffers, rows, n) -> int:
     values = rows.tolist()  # (reading the buffer once is cheaper than a slice per tensor)
     status = 0
     for i, x, g in zip(range(0, n * ROW, ROW), params, grads):
-        x_address, g_address, b_address, numel, staged = values[i:i + ROW]
+        x_address, g_address, b0_address, b1_address, numel, staged = values[i:i + ROW]
         dtype = x.dtype
-        if (x.numel() != numel or g.layout is not _strided or g.dtype is not dtype
-                or g.numel() != numel):
+        if x.numel() != numel:
             return 2
-        if buffers is not None:
-            b = buffers[i // ROW]
+        if g is not None and (g.layout is not _strided or g.dtype is not dtype
+                              or g.numel() != numel):
+            return 2
+        for k, bufs in enumerate(buffers):
+            b = bufs[i // ROW]
             if (b.layout is not _strided or b.dtype is not dtype or b.numel() != numel
-                    or (not staged and (b.data_ptr() != b_address or not b.is_contiguous()))):
+                    or (not staged and (b.data_ptr() != (b0_address, b1_address)[k]
+                                        or not b.is_contiguous()))):
                 return 2
         if staged:
+            present = int(g is not None)
+            if present != g_address:
+                rows[i + 1] = present
+                status = 1
             continue
-        if x.data_ptr() != x_address or not x.is_contiguous() or not g.is_contiguous():
+        if x.data_ptr() != x_address or not x.is_contiguous() or (
+                g is not None and not g.is_contiguous()):
             return 2
-        address = g.data_ptr()
+        address = 0 if g is None else g.data_ptr()
         if address != g_address:
             rows[i + 1] = address
             status = 1

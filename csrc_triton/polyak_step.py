@@ -24,8 +24,12 @@ Launch arguments are pointers and a few lengths, none of them specialised, so an
 param group compiles nothing.
 
 Tensor metadata lives in device tables, built once and cached by the caller (`cache`), rebuilt
-only when a pointer changes:
-  meta   int64 [n_tensors, 5]: x pointer, g pointer, state-buffer pointer, numel, lr slot
+only when a parameter or a state buffer moves:
+  meta   int64 [n_tensors, 6]: x pointer, two state-buffer pointers (0 where none), numel, lr slot,
+                               gradient slot
+  gptrs  int64 [n_tensors]:    the gradient pointers, one array for the whole step (0: the tensor
+                               has no gradient this step), rewritten with one host-to-device copy
+                               when gradients come at new addresses
   chunks int64 [n_chunks, 2]:  tensor index, first element of the chunk
 Chunks cut every tensor into pieces of at most `chunk` elements, so one huge tensor and a thousand
 tiny ones give balanced programs; on a GPU the chunk size follows the layout (`cuda_launch_config`,
@@ -39,6 +43,7 @@ references) arrive as arguments of `polyak_step_` (`guards`), and reach the kern
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from operator import is_
@@ -66,7 +71,7 @@ METHODS = ("inexact_polyak", "polyak", "decsps", "adasps", "dog", "clipped_sgd",
 N_SUMS = {"dog": 3}
 
 
-META_COLS = 5
+META_COLS = 6
 
 
 def _hparam_values(method: str, hp: dict) -> list[float]:
@@ -107,23 +112,26 @@ def _nsgdm_beta(step, beta, AGNOSTIC: tl.constexpr):
 
 
 @triton.jit
-def _chunk(meta, chunks, chunk_size):
-    """This program's chunk: the addresses of x, g and the state buffer, [start, end), the lr
-    slot, and whether the three addresses are 16-byte aligned (then full blocks can move 16-byte
+def _chunk(meta, gptrs, chunks, chunk_size):
+    """This program's chunk: the addresses of x, g and the state buffers, [start, end), the lr
+    slot, and whether the addresses are 16-byte aligned (then full blocks can move 16-byte
     vectors). Chunk starts are multiples of BLOCK elements, so a chunk is aligned when its tensor
-    is: alignment is decided per tensor, at run time, one tensor not slowing down the others."""
+    is: alignment is decided per tensor, at run time, one tensor not slowing down the others.
+    g is 0 for a tensor without a gradient this step (one that takes part only in quantities
+    over the whole iterate: WHOLE)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * pid)
     start = tl.load(chunks + 2 * pid + 1)
     row = meta + META_COLS_C * t
     x_addr = tl.load(row + 0)
-    g_addr = tl.load(row + 1)
-    b_addr = tl.load(row + 2)          # 0 for methods without a state buffer
-    aligned = ((x_addr | g_addr | b_addr) & 15) == 0
+    b_addr = tl.load(row + 1)          # 0 for methods without a state buffer
+    b1_addr = tl.load(row + 2)         # 0 for methods with fewer than two
     numel = tl.load(row + 3)
     lr_slot = tl.load(row + 4)
+    g_addr = tl.load(gptrs + tl.load(row + 5))
+    aligned = ((x_addr | g_addr | b_addr | b1_addr) & 15) == 0
     end = tl.minimum(start + chunk_size, numel)
-    return pid, x_addr, g_addr, b_addr, start, end, lr_slot, aligned
+    return pid, x_addr, g_addr, b_addr, b1_addr, start, end, lr_slot, aligned
 
 
 @triton.jit
@@ -167,15 +175,21 @@ def _block_indices(start, off, end, BLOCK: tl.constexpr):
 
 @triton.jit
 def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """This block's terms of the method's sums (s0, s1, s2)."""
-    g = _load(g_ptr, idx, mask, MASKED) * inv_scale      # unscaled as it is loaded (GradScaler)
+                  MASKED: tl.constexpr, HAS_GRAD: tl.constexpr):
+    """This block's terms of the method's sums (s0, s1, s2). Without a gradient (HAS_GRAD False,
+    DoG only) the tensor counts in the sums over the iterate, not in ||d||^2."""
     if METHOD == "dog":
         x = _load(x_ptr, idx, mask, MASKED)
         x0 = _load(b_ptr, idx, mask, MASKED)
-        d = g + wd * x                                    # coupled weight decay
-        return d * d, (x - x0) * (x - x0), x0 * x0        # ||d||^2, ||x - x0||^2, ||x0||^2
-    elif METHOD == "nsgdm":
+        if HAS_GRAD:
+            g = _load(g_ptr, idx, mask, MASKED) * inv_scale  # unscaled as loaded (GradScaler)
+            d = g + wd * x                                    # coupled weight decay
+            d_sq = d * d
+        else:
+            d_sq = 0.0 * x
+        return d_sq, (x - x0) * (x - x0), x0 * x0         # ||d||^2, ||x - x0||^2, ||x0||^2
+    g = _load(g_ptr, idx, mask, MASKED) * inv_scale      # unscaled as it is loaded (GradScaler)
+    if METHOD == "nsgdm":
         m = beta_t * _load(b_ptr, idx, mask, MASKED) + (1.0 - beta_t) * g  # m_t, stored later
         return m * m, 0.0 * g, 0.0 * g
     else:
@@ -184,7 +198,7 @@ def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD:
 
 @triton.jit
 def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr):
     """The block-wise terms of the method's sums over [start, end) (summed by the caller)."""
     acc0 = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK], tl.float32)
@@ -193,14 +207,14 @@ def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD
     for off in range(0, n_full, BLOCK):
         idx, mask = _block_indices(start, off, end, BLOCK)
         a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD,
-                                    False)
+                                    False, HAS_GRAD)
         acc0 += a0
         acc1 += a1
         acc2 += a2
     if n_full < end - start:
         idx, mask = _block_indices(start, n_full, end, BLOCK)
         a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD,
-                                    True)
+                                    True, HAS_GRAD)
         acc0 += a0
         acc1 += a1
         acc2 += a2
@@ -208,15 +222,19 @@ def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD
 
 
 # Pointer arguments the caller owns (the first parameter of the group, the scalars, GradScaler's
-# scale, the loss, the inf flag) are not specialised on alignment: none is read with vectors, and
-# the compiled variant then depends on the constexprs alone, which the direct launch relies on.
+# scale, the loss, the inf flag) are not specialised on alignment: none is read with vectors.
+# The direct launch keys its table of compiled variants on what Triton does specialise
+# (_variant_key), so this is about fewer variants, not about correctness.
 @triton.jit(do_not_specialize=["chunk_size", "n_slots", "slot0"],
             do_not_specialize_on_alignment=["like", "scalars", "grad_scale"])
-def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, grad_scale, chunk_size, n_slots,
-                   slot0, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_kernel(meta, gptrs, chunks, like, partials, scalars, hparams, grad_scale, chunk_size,
+                   n_slots, slot0, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr,
+                   WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B).
     # Writes one float per chunk and per sum. grad_scale: GradScaler's scale (1.0 without one).
-    pid, x, g, b, start, end, lr_slot, aligned = _chunk(meta, chunks, chunk_size)
+    # WHOLE: some tensors may come without a gradient (g = 0 in the table); they are not stepped
+    # but count in the quantities over the whole iterate (DoG's distances).
+    pid, x, g, b, b1, start, end, lr_slot, aligned = _chunk(meta, gptrs, chunks, chunk_size)
     inv_scale = 1.0 / tl.load(grad_scale)
     wd = 0.0
     beta_t = 0.0
@@ -224,14 +242,22 @@ def _reduce_kernel(meta, chunks, like, partials, scalars, hparams, grad_scale, c
         wd = tl.load(hparams + 1)
     if METHOD == "nsgdm":
         beta_t = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)
-    if aligned:  # the same loop twice: with 16-byte vector loads, and with scalar ones
-        acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, True), _as_ptr(g, like, True),
-                                         _as_ptr(b, like, True), start, end, inv_scale, wd,
-                                         beta_t, METHOD, BLOCK)
-    else:
+    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    if g != 0:
+        if aligned:  # the same loop twice: with 16-byte vector loads, and with scalar ones
+            acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, True), _as_ptr(g, like, True),
+                                             _as_ptr(b, like, True), start, end, inv_scale, wd,
+                                             beta_t, METHOD, BLOCK, True)
+        else:
+            acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
+                                             _as_ptr(b, like, False), start, end, inv_scale, wd,
+                                             beta_t, METHOD, BLOCK, True)
+    elif WHOLE and METHOD == "dog":  # no gradient: only the distances (scalar loads: rare)
         acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
                                          _as_ptr(b, like, False), start, end, inv_scale, wd,
-                                         beta_t, METHOD, BLOCK)
+                                         beta_t, METHOD, BLOCK, False)
     slot = slot0 + pid
     tl.store(partials + slot, tl.sum(acc0, axis=0))
     if METHOD == "dog":
@@ -335,56 +361,63 @@ def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, 
 @triton.jit
 def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
                   METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, HAS_GRAD: tl.constexpr):
     """x <- x - lr * eta * direction for one block (and the state buffer where there is one).
     hp1 is DoG's weight decay or clipped SGD's momentum; aux is NSGD-M's beta_t or the
-    best-iterate flag."""
+    best-iterate flag. Without a gradient (HAS_GRAD False) x is not stepped; the best iterate
+    still copies it."""
     x = _load(x_ptr, idx, mask, MASKED)
-    g = _load(g_ptr, idx, mask, MASKED) * inv_scale      # unscaled as it is loaded (GradScaler)
-    if METHOD == "dog":
-        x_new = x - (lr * eta) * (g + hp1 * x)
-    elif METHOD == "clipped_sgd":
-        if MOMENTUM:
-            m = hp1 * _load(b_ptr, idx, mask, MASKED) + eta * g  # m = mu m + kappa g
-            _store(b_ptr, idx, m, mask, MASKED)
-            x_new = x - lr * m
-        else:
-            x_new = x - (lr * eta) * g
-    elif METHOD == "nsgdm":
-        m = aux * _load(b_ptr, idx, mask, MASKED) + (1.0 - aux) * g
-        _store(b_ptr, idx, m, mask, MASKED)
-        x_new = x - (lr * eta) * m
-    else:
+    if not HAS_GRAD:
         if TRACK_BEST:
             if aux != 0.0:  # this step's loss is the best so far: keep x_t
                 _store(b_ptr, idx, x, mask, MASKED)
-        x_new = x - (lr * eta) * g
-    _store(x_ptr, idx, x_new, mask, MASKED)
+    else:
+        g = _load(g_ptr, idx, mask, MASKED) * inv_scale  # unscaled as it is loaded (GradScaler)
+        if METHOD == "dog":
+            x_new = x - (lr * eta) * (g + hp1 * x)
+        elif METHOD == "clipped_sgd":
+            if MOMENTUM:
+                m = hp1 * _load(b_ptr, idx, mask, MASKED) + eta * g  # m = mu m + kappa g
+                _store(b_ptr, idx, m, mask, MASKED)
+                x_new = x - lr * m
+            else:
+                x_new = x - (lr * eta) * g
+        elif METHOD == "nsgdm":
+            m = aux * _load(b_ptr, idx, mask, MASKED) + (1.0 - aux) * g
+            _store(b_ptr, idx, m, mask, MASKED)
+            x_new = x - (lr * eta) * m
+        else:
+            if TRACK_BEST:
+                if aux != 0.0:  # this step's loss is the best so far: keep x_t
+                    _store(b_ptr, idx, x, mask, MASKED)
+            x_new = x - (lr * eta) * g
+        _store(x_ptr, idx, x_new, mask, MASKED)
 
 
 @triton.jit
 def _update_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, lr, eta, aux, hp1,
                   METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr):
     n_full = (end - start) // BLOCK * BLOCK
     for off in range(0, n_full, BLOCK):
         idx, mask = _block_indices(start, off, end, BLOCK)
         _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
-                      TRACK_BEST, MOMENTUM, False)
+                      TRACK_BEST, MOMENTUM, False, HAS_GRAD)
     if n_full < end - start:
         idx, mask = _block_indices(start, n_full, end, BLOCK)
         _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
-                      TRACK_BEST, MOMENTUM, True)
+                      TRACK_BEST, MOMENTUM, True, HAS_GRAD)
 
 
 @triton.jit(do_not_specialize=["chunk_size"],
             do_not_specialize_on_alignment=["like", "grad_scale"])
-def _update_kernel(meta, chunks, like, coefs, lrs, hparams, grad_scale, chunk_size,
+def _update_kernel(meta, gptrs, chunks, like, coefs, lrs, hparams, grad_scale, chunk_size,
                    METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     # Traffic (fp32): reads x, g, writes x: 12N B. Momentum methods also read and write m:
     # +8N B. Best tracking writes x_best (+4N B) on the steps that improve on the best loss.
-    pid, x, g, b, start, end, lr_slot, aligned = _chunk(meta, chunks, chunk_size)
+    # WHOLE: a tensor without a gradient (g = 0) is not stepped (its best copy is still made).
+    pid, x, g, b, b1, start, end, lr_slot, aligned = _chunk(meta, gptrs, chunks, chunk_size)
     ok = tl.load(coefs + 0)
     if ok != 0.0:  # a skipped step leaves every tensor bitwise unchanged
         eta = tl.load(coefs + 1)
@@ -394,14 +427,19 @@ def _update_kernel(meta, chunks, like, coefs, lrs, hparams, grad_scale, chunk_si
         hp1 = 0.0
         if METHOD == "dog" or METHOD == "clipped_sgd":
             hp1 = tl.load(hparams + 1)
-        if aligned:  # the same loop twice: with 16-byte vectors, and with scalars
-            _update_range(_as_ptr(x, like, True), _as_ptr(g, like, True), _as_ptr(b, like, True),
-                          start, end, inv_scale, lr, eta, aux, hp1, METHOD, TRACK_BEST, MOMENTUM,
-                          BLOCK)
-        else:
+        if g != 0:
+            if aligned:  # the same loop twice: with 16-byte vectors, and with scalars
+                _update_range(_as_ptr(x, like, True), _as_ptr(g, like, True),
+                              _as_ptr(b, like, True), start, end, inv_scale, lr, eta, aux, hp1,
+                              METHOD, TRACK_BEST, MOMENTUM, BLOCK, True)
+            else:
+                _update_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
+                              _as_ptr(b, like, False), start, end, inv_scale, lr, eta, aux, hp1,
+                              METHOD, TRACK_BEST, MOMENTUM, BLOCK, True)
+        elif WHOLE and TRACK_BEST:  # no gradient: not stepped, but part of the best iterate
             _update_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
                           _as_ptr(b, like, False), start, end, inv_scale, lr, eta, aux, hp1,
-                          METHOD, TRACK_BEST, MOMENTUM, BLOCK)
+                          METHOD, TRACK_BEST, MOMENTUM, BLOCK, False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,8 +488,9 @@ def _launch_config(device: torch.device, numels) -> dict:
 
 
 def _to_device(host: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on the device. On CUDA the copy goes through pinned memory and does not block
-    the host (torch's pinned-memory allocator keeps the buffer alive until it is done)."""
+    """A host tensor on the device (a new tensor; for tables built once per plan). On CUDA the
+    copy goes through pinned memory and does not block the host (torch's pinned-memory
+    allocator keeps the buffer alive until it is done)."""
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -465,34 +504,63 @@ _is_contiguous = torch.Tensor.is_contiguous
 
 
 class _Group:
-    """The device tables of one dtype group. `direct` lists (table row, parameter index) for
-    the tensors read in place (the others, not contiguous, go through the staging buffers of
-    `staged`)."""
+    """The device tables of one dtype group, and its tensors copied through staging buffers
+    (`staged`: (parameter index, gradient slot, staged x, g, buffers); strided parameters)."""
 
-    def __init__(self, dtype, rows, chunk_rows, cfg, slot0, like, staged, direct, device):
+    def __init__(self, dtype, rows, chunk_rows, cfg, slot0, like, staged, device):
         self.dtype, self.cfg, self.slot0, self.like, self.staged = dtype, cfg, slot0, like, staged
         self.meta = _int64_table(rows, device)
         self.chunks = _int64_table(chunk_rows, device)
         self.n_chunks = len(chunk_rows)
-        self.direct_rows = _int64_table([r for r, _ in direct], device) if direct else None
-        self.direct_params = torch.tensor([i for _, i in direct], dtype=torch.int64)
+
+
+class _GradPointers:
+    """The gradient pointers of every table row of a plan, in one device array (`device`), and
+    what fills it: `host` (numpy, the values) from column 1 of the host record, gathered by
+    `param_of_slot`; a staged row holds its staging buffer's address when it has a gradient.
+
+    A step with gradients at new addresses writes them with one gather on the host and one
+    host-to-device copy (through a pinned buffer from torch's caching host allocator, which
+    holds it until the copy is done). On the CPU (the interpreter, the stub driver) the kernels
+    read `host` itself."""
+
+    def __init__(self, param_of_slot: list, staged_slots: dict, device):
+        self.param_of_slot = np.asarray(param_of_slot, dtype=np.int64)
+        self.staged_slots = staged_slots  # slot -> the staging buffer of its gradient
+        self.host = np.zeros(max(len(param_of_slot), 1), dtype=np.int64)
+        self.on_cuda = device.type == "cuda"
+        self.device = torch.from_numpy(self.host) if not self.on_cuda else \
+            torch.zeros(self.host.shape, dtype=torch.int64, device=device)
+
+    def write(self, watched: np.ndarray) -> None:
+        n = len(self.param_of_slot)
+        pinned = torch.empty(self.host.shape, dtype=torch.int64, pin_memory=True) \
+            if self.on_cuda else None
+        host = pinned.numpy() if pinned is not None else self.host
+        np.take(watched[:, 1], self.param_of_slot, out=host[:n])
+        for slot, sg in self.staged_slots.items():  # 1 (a gradient) or 0 in the record
+            host[slot] = sg.data_ptr() if host[slot] else 0
+        if pinned is not None:
+            self.device.copy_(pinned, non_blocking=True)
 
 
 class _Plan:
-    """Everything a step needs that does not change while the tensors stay where they are: the
-    device tables, the scratch buffers, and what they were built from (`params`, `buf` as
-    tuples, `lr_slots`).
+    """Everything a step needs that does not change while the parameters and buffers stay where
+    they are: the device tables, the scratch buffers, and what they were built from (`params`,
+    `bufs` as tuples, `lr_slots`).
 
     `watched` is the host's record of every tensor, one row of csrc_host.ROW values per
-    parameter: the addresses of the parameter, its gradient and its state buffer, the element
-    count, and whether it is staged. How a step knows the tables still hold (`_current_plan`):
+    parameter: the addresses of the parameter, its gradient (0: none; for a staged tensor 1 or
+    0) and its state buffers, the element count, and whether it is staged. How a step knows the
+    tables still hold (`_current_plan`):
       * a new parameter or state-buffer object: the step's sequences differ from the ones kept
         here (nothing to compare when the caller hands over the very tuples the plan kept:
         `_same`);
       * anything else, every tensor at every step: `check_tensors` (csrc_host, C++: ~10 ns a
         tensor) compares each parameter, gradient and buffer with its row. New gradient
-        addresses only rewrite the gradient column; a parameter or buffer that moved or was
-        resized (``p.data = other``, ``model.to()``, ``swap_tensors``, even while another
+        addresses (or a gradient that appeared or went, for the methods that step over the
+        whole iterate) only rewrite the gradient pointers; a parameter or buffer that moved or
+        was resized (``p.data = other``, ``model.to()``, ``swap_tensors``, even while another
         tensor keeps the old storage alive) rebuilds the plan. Nothing is trusted, nothing is
         held but the parameters and buffers.
       * flat gradients (the caller hands over a token with its gradients, `cache["grads_token"]`:
@@ -502,11 +570,12 @@ class _Plan:
         tensor moved while its old storage stays alive is found within n / SPOT_CHECKS_PER_STEP
         steps (README, "Flat gradients")."""
 
-    def __init__(self, method, hp, params, grads, buf, lr_slots, n_lr_slots, device, grads_token):
+    def __init__(self, method, hp, params, grads, bufs, lr_slots, n_lr_slots, device,
+                 grads_token):
         self.method, self.hp, self.device = method, hp, device
         self.params = tuple(params)
         self.grads_token = grads_token  # the caller's token of the gradients the tables point at
-        self.buf = tuple(buf) if buf is not None else None
+        self.bufs = tuple(tuple(b) for b in bufs)
         self.lr_slots, self.n_lr_slots = lr_slots, n_lr_slots
         self.moved = [False]  # set when a watched parameter or buffer storage is freed
         self._watches: list = []
@@ -521,48 +590,54 @@ class _Plan:
                     f"the fused path takes float32, bfloat16 and float16 tensors, not {p.dtype}")
             by_dtype.setdefault(p.dtype, []).append(i)
         slot0 = 0
+        param_of_slot, staged_slots = [], {}
         for dtype, idxs in by_dtype.items():
             cfg = _launch_config(device, [params[i].numel() for i in idxs])
             assert cfg["chunk"] % cfg["block"] == 0, "chunks must start on block boundaries"
-            rows, chunk_rows, staged, direct, like = [], [], [], [], None
+            rows, chunk_rows, staged, like = [], [], [], None
             for i in idxs:
-                x, g, b = params[i], grads[i], (buf[i] if buf is not None else None)
-                if g.layout != torch.strided:
+                x, g = params[i], grads[i]
+                bs = [b[i] for b in self.bufs]
+                if g is not None and g.layout != torch.strided:
                     raise RuntimeError(f"the fused path does not support sparse gradients "
                                        f"(tensor {i}: {g.layout})")
-                for what, t in (("gradient", g), ("state", b)):
+                for what, t in [("gradient", g)] + [("state", b) for b in bs]:
                     if t is not None and t.dtype != x.dtype:  # one dtype per table row
                         raise RuntimeError(
                             f"Invalid {what} dtype: {t.dtype} for a {x.dtype} parameter (tensor "
                             f"{i}); the fused path needs them equal (was the parameter cast "
                             f"after the optimizer made its state?)")
                 if grads_token is not None:
-                    self._watch(x)
-                    if b is not None:
-                        self._watch(b)
-                is_staged = not all(map(_is_contiguous, (t for t in (x, g, b) if t is not None)))
-                self.watched[i] = (x.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None
-                                   else 0, x.numel(), is_staged)
+                    for t in [x] + bs:
+                        self._watch(t)
+                is_staged = not all(map(_is_contiguous, [t for t in [x, g] + bs
+                                                         if t is not None]))
+                b_addrs = [b.data_ptr() for b in bs] + [0] * (2 - len(bs))
+                g_mark = (int(g is not None) if is_staged
+                          else (0 if g is None else g.data_ptr()))
+                self.watched[i] = (x.data_ptr(), g_mark, *b_addrs, x.numel(), is_staged)
                 if x.numel() == 0:
                     continue
+                g_slot = len(param_of_slot)
+                param_of_slot.append(i)
                 if is_staged:  # copied through contiguous buffers (rare: strided parameters)
-                    sx = torch.empty(x.shape, dtype=x.dtype, device=device)
-                    sg = torch.empty(x.shape, dtype=x.dtype, device=device)
-                    sb = torch.empty(x.shape, dtype=x.dtype, device=device) if b is not None else None
-                    staged.append((i, sx, sg, sb))
-                    x, g, b = sx, sg, sb
-                else:
-                    direct.append((len(rows), i))
+                    sx, sg = (torch.empty(x.shape, dtype=x.dtype, device=device) for _ in "xg")
+                    sbs = [torch.empty(x.shape, dtype=x.dtype, device=device) for _ in bs]
+                    staged.append((i, sx, sg, sbs))
+                    staged_slots[g_slot] = sg
+                    x, bs = sx, sbs
+                    b_addrs = [b.data_ptr() for b in bs] + [0] * (2 - len(bs))
                 like = x if like is None else like
                 t = len(rows)
-                rows.append([x.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None else 0,
-                             x.numel(), lr_slots[i]])
+                rows.append([x.data_ptr(), *b_addrs, x.numel(), lr_slots[i], g_slot])
                 for start in range(0, x.numel(), cfg["chunk"]):
                     chunk_rows.append([t, start])
             if chunk_rows:
                 self.groups.append(_Group(dtype, rows, chunk_rows, cfg, slot0, like, staged,
-                                          direct, device))
+                                          device))
                 slot0 += len(chunk_rows)
+        self.gptrs = _GradPointers(param_of_slot, staged_slots, device)
+        self.gptrs.write(self.watched)
         self.n_slots = max(slot0, 1)
         self.partials = torch.zeros(self.n_sums * self.n_slots, dtype=torch.float32, device=device)
         self.coefs = torch.zeros(3, dtype=torch.float32, device=device)
@@ -586,18 +661,19 @@ class _Plan:
         except (TypeError, RuntimeError):  # nothing to watch: the spot check will see it
             pass
 
-    def fits(self, method, hp, params, buf, lr_slots, n_lr_slots) -> bool:
+    def fits(self, method, hp, params, bufs, lr_slots, n_lr_slots) -> bool:
         """Whether the tables were built for these parameter and buffer objects (`follow` then
         checks where the tensors are)."""
         return (not self.moved[0] and self.method == method and self.hp == hp
                 and self.n_lr_slots == n_lr_slots
                 and (self.lr_slots is lr_slots or self.lr_slots == tuple(lr_slots))
-                and _same(self.params, params) and _same(self.buf, buf))
+                and _same(self.params, params) and len(self.bufs) == len(bufs)
+                and all(map(_same, self.bufs, bufs)))
 
     def follow(self, grads, token) -> bool:
-        """Check every tensor against `watched` and point the gradient column at `grads`; False
-        if the plan must be rebuilt. With the token of the gradients the tables point at (flat
-        gradients), only the next SPOT_CHECKS_PER_STEP tensors are checked."""
+        """Check every tensor against `watched` and point the gradient pointers at `grads`;
+        False if the plan must be rebuilt. With the token of the gradients the tables point at
+        (flat gradients), only the next SPOT_CHECKS_PER_STEP tensors are checked."""
         if token is not None and not self.watching:  # flat gradients from now on: rebuild
             return False                             # once, with the storage watches
         check = csrc_host.implementation().check_tensors
@@ -605,20 +681,15 @@ class _Plan:
             start, n = self.spot_next, len(self.params)
             end = min(start + SPOT_CHECKS_PER_STEP, n)
             window = slice(start, end)
-            if check(self.params[window], grads[window],
-                     self.buf[window] if self.buf is not None else None,
+            if check(self.params[window], grads[window], tuple(b[window] for b in self.bufs),
                      self.watched[window]) == 0:
                 self.spot_next = end if end < n else 0
                 return True
-        status = check(self.params, grads, self.buf, self.watched)
+        status = check(self.params, grads, self.bufs, self.watched)
         if status == 2:
             return False
-        if status == 1:  # new gradient addresses: one copy of the column per dtype group
-            column = torch.from_numpy(self.watched)[:, 1]
-            for grp in self.groups:
-                if grp.direct_rows is not None:
-                    host = column.index_select(0, grp.direct_params)
-                    grp.meta[:, 1].index_copy_(0, grp.direct_rows, _to_device(host, self.device))
+        if status == 1:  # new gradient addresses: one gather and one copy for the whole step
+            self.gptrs.write(self.watched)
         self.grads_token = token
         return True
 
@@ -633,14 +704,14 @@ def _same(kept: tuple | None, given) -> bool:
     return len(kept) == len(given) and all(map(is_, kept, given))
 
 
-def _current_plan(cache, method, hp, params, grads, buf, lr_slots, n_lr_slots, device) -> _Plan:
-    """The cached plan if it still describes these tensors (its gradient column rewritten if only
-    the gradients moved), else a new one."""
+def _current_plan(cache, method, hp, params, grads, bufs, lr_slots, n_lr_slots, device) -> _Plan:
+    """The cached plan if it still describes these tensors (its gradient pointers rewritten if
+    only the gradients moved), else a new one."""
     plan = cache.get("plan")
     token = cache.get("grads_token")
-    if (plan is None or not plan.fits(method, hp, params, buf, lr_slots, n_lr_slots)
+    if (plan is None or not plan.fits(method, hp, params, bufs, lr_slots, n_lr_slots)
             or not plan.follow(grads, token)):
-        plan = _Plan(method, hp, params, grads, buf, tuple(lr_slots), n_lr_slots, device, token)
+        plan = _Plan(method, hp, params, grads, bufs, tuple(lr_slots), n_lr_slots, device, token)
         cache["plan"] = plan
     return plan
 
@@ -674,22 +745,31 @@ def _refresh_lrs(plan: _Plan, values) -> None:
 # ------------------------------------------------------------------------------------------------
 # Launches
 # ------------------------------------------------------------------------------------------------
-#: Compiled kernels by (id(kernel), constexpr values, num_warps, device index), for direct
-#: launches.
+#: Compiled kernels by _variant_key, for direct launches.
 _COMPILED: dict = {}
+#: Per kernel: how Triton specialises each of its runtime arguments (_specialisation_plan).
+_SPECIALISES: dict = {}
 
 
-def _launcher():
-    """(device index, stream) for this step's direct launches, or None where kernels must be
-    launched through kernel[grid] every time: under the interpreter, and while a launch hook
-    (a profiler) is installed, so that it sees every launch."""
+def _cuda_index(device: torch.device) -> int:
+    """The CUDA device index the parameters live on. (Tensors that are not on a CUDA device,
+    as under the stub driver of bench.fakecuda, launch on the current device.)"""
+    if device.type == "cuda" and device.index is not None:
+        return device.index
+    return driver.active.get_current_device()
+
+
+def _launch_target(device: torch.device):
+    """(device index, that device's current stream) for this step's launches, or None where
+    kernels must be launched through kernel[grid] every time: under the interpreter, and while
+    a launch hook (a profiler) is installed, so that it sees every launch."""
     if not isinstance(_update_kernel, triton.runtime.JITFunction):
         return None
     hooks = knobs.runtime if knobs is not None else triton.compiler.CompiledKernel
     if _hook_set(hooks.launch_enter_hook) or _hook_set(hooks.launch_exit_hook):
         return None
-    device = driver.active.get_current_device()
-    return device, driver.active.get_current_stream(device)
+    index = _cuda_index(device)
+    return index, driver.active.get_current_stream(index)
 
 
 def _hook_set(hook) -> bool:
@@ -698,89 +778,97 @@ def _hook_set(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _specialisation_plan(kernel) -> tuple:
+    """For each runtime argument of `kernel`, what Triton specialises a compiled variant on
+    (triton.runtime.jit: a tensor by its dtype and, unless do_not_specialize_on_alignment,
+    whether its address is a multiple of 16; an int by its width and, unless
+    do_not_specialize, whether it is 1 or a multiple of 16), read from the kernel's own
+    declarations so that the key cannot drift from them."""
+    plan = _SPECIALISES.get(id(kernel))
+    if plan is None:
+        plan = tuple((p.do_not_specialize, p.do_not_specialize_on_alignment)
+                     for p in kernel.params if not p.is_constexpr)
+        _SPECIALISES[id(kernel)] = plan
+    return plan
+
+
+def _variant_key(kernel, args: tuple, consts: tuple, num_warps: int, index: int) -> tuple:
+    """Everything that selects a compiled variant of `kernel` for these arguments: per argument
+    what Triton specialises it on, the constexprs, the launch options and the device. Two
+    launches with equal keys run the same compiled code in Triton too."""
+    spec = []
+    for a, (no_spec, no_align) in zip(args, _specialisation_plan(kernel)):
+        if isinstance(a, torch.Tensor):
+            spec.append((a.dtype, None if no_align or no_spec else a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            spec.append(("i1", None if no_spec else a))
+        elif isinstance(a, int):
+            width = "i32" if -2**31 <= a < 2**31 else ("u64" if a >= 2**63 else "i64")
+            spec.append((width, None if no_spec else (a == 1, a % 16 == 0)))
+        else:  # a float, or anything else: by type
+            spec.append((type(a).__name__, None))
+    return (id(kernel), tuple(spec), consts, num_warps, FP_FUSION, index)
+
+
+class _OnDevice:
+    """Make `index` the current CUDA device for the launches of a step (kernel[grid] compiles
+    for and launches on the current device; a direct launch runs in the current context), and
+    the one before current again after."""
+
+    __slots__ = ("index", "before")
+
+    def __init__(self, index: int):
+        self.index, self.before = index, None
+
+    def __enter__(self):
+        current = driver.active.get_current_device()
+        if current != self.index:
+            self.before = current
+            driver.active.set_current_device(self.index)
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            driver.active.set_current_device(self.before)
+        return False
+
+
 def _launch(kernel, n_programs: int, args: tuple, consts: tuple, num_warps: int, where) -> None:
     """kernel[(n_programs,)](*args, <constexprs>), with `args` the runtime arguments and `consts`
     the constexpr values, in the kernel's parameter order (every kernel here lists its
-    constexprs last).
+    constexprs last), on the device and stream of `where` (from _launch_target; the caller has
+    made that device current: _OnDevice).
 
-    Once that has compiled the variant, later launches call the compiled kernel's launcher
-    directly: JITFunction.run binds, specialises and looks the variant up on every launch (8-9 us
-    on the CPU of bench/NOTES.md, against about 1.5 us for the launcher itself). This is safe
-    because the variant depends on the constexprs and launch options alone: the integer
-    arguments are not specialised (do_not_specialize), and the pointer arguments are either
-    tables this module allocates (always 16-byte aligned) or not specialised on alignment."""
-    # keyed on id(kernel): hashing a JITFunction computes its cache key (microseconds)
-    key = (id(kernel), consts, num_warps, None if where is None else where[0])
-    compiled = _COMPILED.get(key) if where is not None else None
+    Once that has compiled the variant, later launches with the same _variant_key call the
+    compiled kernel's launcher directly: JITFunction.run binds, specialises and looks the
+    variant up on every launch (8-9 us on the CPU of bench/NOTES.md, against about 1.5 us for
+    the launcher itself)."""
+    if where is None:  # the interpreter, or a launch hook is installed
+        names = kernel.arg_names[len(args):]
+        kernel[(n_programs,)](*args, **dict(zip(names, consts)), num_warps=num_warps,
+                              enable_fp_fusion=FP_FUSION)
+        return
+    key = _variant_key(kernel, args, consts, num_warps, where[0])
+    compiled = _COMPILED.get(key)
     if compiled is None:
         names = kernel.arg_names[len(args):]
         compiled = kernel[(n_programs,)](*args, **dict(zip(names, consts)), num_warps=num_warps,
                                          enable_fp_fusion=FP_FUSION)
-        if where is not None and isinstance(compiled, triton.compiler.CompiledKernel):
+        if isinstance(compiled, triton.compiler.CompiledKernel):
             _COMPILED[key] = compiled
         return
     compiled.run(n_programs, 1, 1, where[1], compiled.function, compiled.packed_metadata, None,
                  None, None, *args, *consts)
 
 
-def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: torch.Tensor,
-                 hparams: dict, cache: dict | None = None, reduce=None, grad_scale=None,
-                 found_inf=None, *, guards: dict) -> None:
-    """One fused step of `method` over flat sequences, in place.
-
-    `buffers` maps the method's one state buffer name (x_best, x0 or momentum) to its sequence;
-    `lrs` gives each tensor's lr (a float or a one-element tensor), either as a sequence or as an
-    object with `slots` (a tuple: the lr slot of each tensor) and `values()` (the current lr of
-    each slot), which spares a per-tensor pass; `scalars` is the packed fp32 scalar state;
-    `reduce(loss, *totals)`, if given, combines the loss and the sums across ranks;
-    `grad_scale` (a one-element device tensor, GradScaler's scale): the kernels divide every
-    gradient by it as they load it; `found_inf` (likewise): non-zero skips the step;
-    `guards`: the guards' constants ``tiny_grad_sq``, ``dog_eps``, ``clip_eps``.
-
-    `cache` keeps the plan (tables) between steps; the plan holds the parameters and buffers,
-    never the gradients (they may be freed between steps). What a step checks (_Plan):
-      * parameters and buffers: their objects, by identity (free when they come in the very
-        tuples of the last step: tuples do not change in place);
-      * every parameter, gradient and buffer: its address, size, dtype and layout, in one call
-        of csrc_host's check_tensors (C++), unless `cache["grads_token"]` is the object it was
-        at the last step (flat gradients: the caller promises that the same token means the
-        same gradient tensors); then a few tensors per step, in turn."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method: {method!r}")
-    if scalars.dtype != torch.float32:
-        raise RuntimeError("the fused path keeps its scalar state in float32")
-    buf = next(iter(buffers.values())) if buffers else None
-    device = scalars.device
-    cache = {} if cache is None else cache
-    lr_slots = getattr(lrs, "slots", None)
-    if lr_slots is not None:
-        lr_values = lrs.values()
-    else:
-        lr_slots, first_of_slot = _lr_slots(lrs)
-        lr_values = [lrs[i] for i in first_of_slot]
-    hp = _hparam_values(method, hparams)
-    plan = _current_plan(cache, method, hp, params, grads, buf, lr_slots, len(lr_values), device)
-    _refresh_lrs(plan, lr_values)
-
-    for grp in plan.groups:
-        for i, sx, sg, sb in grp.staged:
-            sx.copy_(params[i])
-            sg.copy_(grads[i])
-            if sb is not None:
-                sb.copy_(buf[i])
-
-    track_best = bool(hparams.get("track_best", False))
-    momentum = method == "nsgdm" or (method == "clipped_sgd" and hparams["momentum"] > 0)
-    agnostic = hparams.get("schedule") == "agnostic"
-    where = _launcher()
-    scale_arg = plan.no_scale if grad_scale is None else grad_scale.to(device, torch.float32)
-    inf_arg = plan.no_inf if found_inf is None else found_inf.to(device, torch.float32)
+def _launch_step(plan, method, gptrs, scalars, scale_arg, inf_arg, loss, reduce, track_best,
+                 momentum, agnostic, whole, guards, where) -> None:
+    """The three phases of a step: reduce (per dtype group), step size, update (per group)."""
     for grp in plan.groups:
         cfg = grp.cfg
         _launch(_reduce_kernel, grp.n_chunks,
-                (grp.meta, grp.chunks, grp.like, plan.partials, scalars, plan.hparams, scale_arg,
-                 cfg["chunk"], plan.n_slots, grp.slot0),
-                (method, agnostic, cfg["block"]), cfg["num_warps"], where)
+                (grp.meta, gptrs, grp.chunks, grp.like, plan.partials, scalars, plan.hparams,
+                 scale_arg, cfg["chunk"], plan.n_slots, grp.slot0),
+                (method, agnostic, whole, cfg["block"]), cfg["num_warps"], where)
 
     partials, n_slots = plan.partials, plan.n_slots
     if reduce is not None:  # distributed: the totals of this rank, then one all-reduce
@@ -797,12 +885,81 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     for grp in plan.groups:
         cfg = grp.cfg
         _launch(_update_kernel, grp.n_chunks,
-                (grp.meta, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams, scale_arg,
-                 cfg["chunk"]),
-                (method, track_best, momentum, cfg["block"]), cfg["num_warps"], where)
+                (grp.meta, gptrs, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams,
+                 scale_arg, cfg["chunk"]),
+                (method, track_best, momentum, whole, cfg["block"]), cfg["num_warps"], where)
+
+
+def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: torch.Tensor,
+                 hparams: dict, cache: dict | None = None, reduce=None, grad_scale=None,
+                 found_inf=None, *, guards: dict) -> None:
+    """One fused step of `method` over flat sequences, in place.
+
+    `buffers` maps the method's state buffer names (x_best, x0 or momentum; at most two, in
+    the order the kernels read them) to their sequences; `grads` may hold None for tensors
+    that take part in the method's quantities over the whole iterate without being stepped
+    (DoG's distances, the best iterate of track_best); `lrs` gives each tensor's lr (a
+    float or a one-element tensor), either as a sequence or as an object with `slots` (a
+    tuple: the lr slot of each tensor) and `values()` (the current lr of each slot), which
+    spares a per-tensor pass; `scalars` is the packed fp32 scalar state; `reduce(loss,
+    *totals)`, if given, combines the loss and the sums across ranks; `grad_scale` (a
+    one-element device tensor, GradScaler's scale): the kernels divide every gradient by it as
+    they load it; `found_inf` (likewise): non-zero skips the step; `guards`: the guards'
+    constants ``tiny_grad_sq``, ``dog_eps``, ``clip_eps``.
+
+    The launches go to the parameters' device and its current stream (under
+    ``torch.cuda.stream(s)``: s), whatever the current device is.
+
+    `cache` keeps the plan (tables) between steps; the plan holds the parameters and buffers,
+    never the gradients (they may be freed between steps). What a step checks (_Plan):
+      * parameters and buffers: their objects, by identity (free when they come in the very
+        tuples of the last step: tuples do not change in place);
+      * every parameter, gradient and buffer: its address, size, dtype and layout, in one call
+        of csrc_host's check_tensors (C++), unless `cache["grads_token"]` is the object it was
+        at the last step (flat gradients: the caller promises that the same token means the
+        same gradient tensors); then a few tensors per step, in turn."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method: {method!r}")
+    if scalars.dtype != torch.float32:
+        raise RuntimeError("the fused path keeps its scalar state in float32")
+    bufs = tuple(buffers.values())
+    if len(bufs) > csrc_host.MAX_BUFFERS:
+        raise ValueError(f"the fused path takes at most {csrc_host.MAX_BUFFERS} state buffers "
+                         f"per tensor, got {len(bufs)} ({', '.join(buffers)})")
+    device = scalars.device
+    cache = {} if cache is None else cache
+    lr_slots = getattr(lrs, "slots", None)
+    if lr_slots is not None:
+        lr_values = lrs.values()
+    else:
+        lr_slots, first_of_slot = _lr_slots(lrs)
+        lr_values = [lrs[i] for i in first_of_slot]
+    hp = _hparam_values(method, hparams)
+    plan = _current_plan(cache, method, hp, params, grads, bufs, lr_slots, len(lr_values), device)
+    _refresh_lrs(plan, lr_values)
 
     for grp in plan.groups:
-        for i, sx, sg, sb in grp.staged:
+        for i, sx, sg, sbs in grp.staged:
+            sx.copy_(params[i])
+            if grads[i] is not None:
+                sg.copy_(grads[i])
+            for sb, b in zip(sbs, bufs):
+                sb.copy_(b[i])
+
+    track_best = bool(hparams.get("track_best", False))
+    whole = method == "dog" or track_best  # the methods whose grads may hold None
+    momentum = method == "nsgdm" or (method == "clipped_sgd" and hparams["momentum"] > 0)
+    agnostic = hparams.get("schedule") == "agnostic"
+    where = _launch_target(device)
+    scale_arg = plan.no_scale if grad_scale is None else grad_scale.to(device, torch.float32)
+    inf_arg = plan.no_inf if found_inf is None else found_inf.to(device, torch.float32)
+    gptrs = plan.gptrs.device
+    with _OnDevice(where[0]) if where is not None else contextlib.nullcontext():
+        _launch_step(plan, method, gptrs, scalars, scale_arg, inf_arg, loss, reduce,
+                     track_best, momentum, agnostic, whole, guards, where)
+
+    for grp in plan.groups:
+        for i, sx, sg, sbs in grp.staged:
             params[i].copy_(sx)
-            if sb is not None:
-                buf[i].copy_(sb)
+            for sb, b in zip(sbs, bufs):
+                b[i].copy_(sb)

@@ -32,17 +32,18 @@ HOPPER = ("cuda", 90, 32)
 DTYPES = {"fp32": ("*fp32", "b32", 4), "bf16": ("*bf16", "b16", 2), "fp16": ("*fp16", "b16", 2)}
 
 # (method, flags) as polyak_step_ derives them from each optimizer's hyperparameters
+_OFF = dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False, WHOLE=False)
 VARIANTS = [
-    ("inexact_polyak", dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False)),
-    ("inexact_polyak", dict(TRACK_BEST=True, MOMENTUM=False, AGNOSTIC=False)),
-    ("polyak", dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False)),
-    ("decsps", dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False)),
-    ("adasps", dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False)),
-    ("dog", dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False)),
-    ("clipped_sgd", dict(TRACK_BEST=False, MOMENTUM=False, AGNOSTIC=False)),
-    ("clipped_sgd", dict(TRACK_BEST=False, MOMENTUM=True, AGNOSTIC=False)),
-    ("nsgdm", dict(TRACK_BEST=False, MOMENTUM=True, AGNOSTIC=False)),
-    ("nsgdm", dict(TRACK_BEST=False, MOMENTUM=True, AGNOSTIC=True)),
+    ("inexact_polyak", _OFF),
+    ("inexact_polyak", {**_OFF, "TRACK_BEST": True, "WHOLE": True}),
+    ("polyak", _OFF),
+    ("decsps", _OFF),
+    ("adasps", _OFF),
+    ("dog", {**_OFF, "WHOLE": True}),
+    ("clipped_sgd", _OFF),
+    ("clipped_sgd", {**_OFF, "MOMENTUM": True}),
+    ("nsgdm", {**_OFF, "MOMENTUM": True}),
+    ("nsgdm", {**_OFF, "MOMENTUM": True, "AGNOSTIC": True}),
 ]
 IDS = [f"{m}-{i}" for i, (m, _) in enumerate(VARIANTS)]
 GUARDS = dict(TINY_GRAD_SQ=1e-16, DOG_EPS=1e-8, CLIP_EPS=1e-6)  # as polyak_fused passes them
@@ -54,18 +55,20 @@ def _jobs():
 
     for vid, (method, flags) in zip(IDS, VARIANTS):
         for dtype, (ptr, _, _) in DTYPES.items():
-            common = {"meta": "*i64", "chunks": "*i64", "like": ptr}
+            common = {"meta": "*i64", "gptrs": "*i64", "chunks": "*i64", "like": ptr}
             key = f"{vid}/{dtype}"
             yield (f"reduce/{key}", "_reduce_kernel",
                    {**common, "partials": "*fp32", "scalars": "*fp32", "hparams": "*fp32",
                     "grad_scale": "*fp32", "chunk_size": "i32", "n_slots": "i32", "slot0": "i32"},
-                   {"METHOD": method, "AGNOSTIC": flags["AGNOSTIC"], "BLOCK": K.GPU_BLOCK},
+                   {"METHOD": method, "AGNOSTIC": flags["AGNOSTIC"], "WHOLE": flags["WHOLE"],
+                    "BLOCK": K.GPU_BLOCK},
                    K.GPU_WARPS)
             yield (f"update/{key}", "_update_kernel",
                    {**common, "coefs": "*fp32", "lrs": "*fp32", "hparams": "*fp32",
                     "grad_scale": "*fp32", "chunk_size": "i32"},
                    {"METHOD": method, "TRACK_BEST": flags["TRACK_BEST"],
-                    "MOMENTUM": flags["MOMENTUM"], "BLOCK": K.GPU_BLOCK}, K.GPU_WARPS)
+                    "MOMENTUM": flags["MOMENTUM"], "WHOLE": flags["WHOLE"],
+                    "BLOCK": K.GPU_BLOCK}, K.GPU_WARPS)
         for has_loss in (True, False):
             yield (f"step_size/{vid}/{has_loss}", "_step_size_kernel",
                    {"partials": "*fp32", "n_slots": "i32", "loss_ptr": "*fp32",
@@ -163,15 +166,22 @@ def test_reduce_and_update_kernels_compile_for_sm90(report, vid, dtype):
 @pytest.mark.parametrize("vid", IDS)
 def test_steady_loops_vector_width(report, vid, dtype):
     """An aligned chunk's loop loads 16-byte vectors (v4.b32: 4 x fp32 or 8 x bf16/fp16); the
-    loop a misaligned tensor's chunks take loads single elements, the same bytes per trip."""
+    loop a misaligned tensor's chunks take loads single elements, the same bytes per trip.
+    Over the whole iterate (WHOLE), DoG's reduce and the best iterate's update have a third
+    loop, for a tensor without a gradient this step (DoG reads x and x0; the best iterate
+    copies x), with single-element loads and fewer of them (it reads no gradient)."""
     _, scalar, size = DTYPES[dtype]
+    method, flags = VARIANTS[IDS.index(vid)]
     for kernel in ("reduce", "update"):
+        whole = flags["WHOLE"] and (method == "dog" if kernel == "reduce" else flags["TRACK_BEST"])
         loops = report[f"{kernel}/{vid}/{dtype}"]["loops"]
-        assert len(loops) == 2, f"{kernel}: {loops}"
+        assert len(loops) == (3 if whole else 2), f"{kernel}: {loops}"
         vector = [ld for ld in loops if all(op == "v4.b32" for op in ld)]
-        single = [ld for ld in loops if all(op == scalar for op in ld)]
-        assert len(vector) == 1 and len(single) == 1, f"{kernel}: {loops}"
-        assert vector[0] and 16 * len(vector[0]) == size * len(single[0]), f"{kernel}: {loops}"
+        single = sorted((ld for ld in loops if all(op == scalar for op in ld)), key=len)
+        assert len(vector) == 1 and len(single) == len(loops) - 1, f"{kernel}: {loops}"
+        assert vector[0] and 16 * len(vector[0]) == size * len(single[-1]), f"{kernel}: {loops}"
+        if whole:
+            assert 0 < len(single[0]) < len(single[-1]), f"{kernel}: {loops}"
 
 
 def test_update_kernels_use_fused_multiply_add(report):

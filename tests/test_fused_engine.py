@@ -270,6 +270,93 @@ def test_a_tensor_of_more_than_2_31_elements():
     torch.cuda.empty_cache()
 
 
+def _reference_twin(params, factory):
+    """float64 CPU copies of `params` with the same gradients, and their optimizer."""
+    twin = [torch.nn.Parameter(p.detach().double().cpu()) for p in params]
+    for t, p in zip(twin, params):
+        t.grad = p.grad.detach().double().cpu()
+    return twin, factory(twin, fused=False)
+
+
+@needs_cuda
+def test_a_step_runs_on_the_current_stream():
+    """Gradients written on a side stream that is busy (a 50 ms sleep first): a step issued on
+    that stream must wait for them; a step launched on the default stream would read the old
+    ones."""
+    params = _model_params(torch.device("cuda"))
+    opt = pf.InexactPolyak(params, total_steps=10)
+    _set_grads(params, 0)
+    opt.step(loss=torch.tensor(1.0, device="cuda"))  # compiled, tables built
+    _set_grads(params, 1)
+    new = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad.zero_()
+    twin, ref = _reference_twin(params, lambda p, **kw: pf.InexactPolyak(p, total_steps=10, **kw))
+    for t, g in zip(twin, new):
+        t.grad = g.double().cpu()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)                 # ~50 ms of work queued before the copies
+        for p, g in zip(params, new):
+            p.grad.copy_(g)
+        opt.step(loss=torch.tensor(2.0, device="cuda"))
+    torch.cuda.synchronize()
+    ref.step(loss=2.0)
+    for i, (a, e) in enumerate(zip(params, twin)):
+        assert_close(a, e, rtol=2e-2, atol=2e-2, what=f"param {i}")
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_parameters_on_a_second_gpu_step_there():
+    """Parameters on cuda:1 while cuda:0 is current: the step matches the reference, and cuda:0
+    is still current after it."""
+    torch.cuda.set_device(0)
+    params = _model_params(torch.device("cuda", 1))
+    _set_grads(params, 0)
+    factory = lambda p, **kw: pf.DoG(p, reps_rel=0.05, **kw)  # noqa: E731
+    twin, ref = _reference_twin(params, factory)
+    opt = factory(params)
+    for step in range(3):
+        opt.step()
+        ref.step()
+        _set_grads(params, step + 1)
+        for t, p in zip(twin, params):
+            t.grad = p.grad.detach().double().cpu()
+    assert torch.cuda.current_device() == 0
+    for i, (a, e) in enumerate(zip(params, twin)):
+        assert_close(a, e, rtol=2e-2, atol=2e-2, what=f"param {i}")
+
+
+@needs_cuda
+def test_new_gradients_cost_one_host_to_device_copy_and_no_device_allocation():
+    """bench/NOTES.md, "New gradients: per-step work": a step whose gradients are all at new
+    addresses rewrites the gradient pointers with one copy from pinned memory for the whole
+    step (three dtype groups here) and allocates nothing on the device."""
+    dev = torch.device("cuda")
+    params = [torch.nn.Parameter(torch.randn(n, device=dev).to(dt)) for n, dt in
+              [(1000, torch.float32), (333, torch.bfloat16), (77, torch.float16)]]
+    opt = pf.InexactPolyak(params, total_steps=100)
+    loss = torch.tensor(1.0, device=dev)
+    grad_sets = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    for i in range(3):  # warm-up: compiled, tables built, pinned blocks cached
+        for p, g in zip(params, grad_sets[i % 2]):
+            p.grad = g
+        opt.step(loss=loss)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(4):
+            for p, g in zip(params, grad_sets[i % 2]):
+                p.grad = g
+            opt.step(loss=loss)
+        torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    copies = [e for e in prof.events() if "HtoD" in e.name]
+    assert len(copies) == 4, [e.name for e in copies]
+
+
 def test_deepcopy_of_a_fused_optimizer_keeps_working(device):
     params = _model_params(device)
     opt = pf.DoG(params, fused=True)

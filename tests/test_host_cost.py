@@ -1,16 +1,15 @@
 """The host-cost benchmark (python -m bench.host_cost) end to end, on a few steps: the kernels
-compile for sm_90 and launch through Triton's real launcher against the stub driver of the shared
-fakecuda harness (../shared/tools/fakecuda; CI has it). This is also the only place where the
-launcher's direct calls of compiled kernels (csrc_triton.polyak_step._launch) run without a GPU:
-Triton's C launcher checks the type of every argument it packs."""
+compile for sm_90 and launch through Triton's real launcher against the project's stub driver
+(bench.fakecuda). What each launch receives is checked in tests/test_gpu_launch.py."""
 
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from bench import host_cost
 
@@ -41,9 +40,10 @@ def test_host_cost_benchmark_runs_and_makes_its_table(tmp_path):
     assert "Conditions:" in table and "load average" in table
 
 
-def test_host_cost_says_what_is_missing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "POLYAK_FAKECUDA"}
-    run = _run("--fakecuda", str(tmp_path / "nowhere"), env=env)
-    assert run.returncode != 0
-    assert "needs the fakecuda harness" in run.stderr + run.stdout
-    assert "fake_libcuda.c" in run.stderr + run.stdout
+def test_the_stub_driver_says_why_it_cannot_run():
+    """Under the interpreter (this process: tests/conftest.py) there is no launch to stub; the
+    harness says so rather than launching nothing silently (tests skip with its reason)."""
+    from bench import fakecuda
+
+    with pytest.raises(fakecuda.Unsupported, match="TRITON_INTERPRET=1"):
+        fakecuda.install()

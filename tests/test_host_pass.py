@@ -28,7 +28,7 @@ def compiled():
 # ---------------------------------------------------------------------------------------------
 # check_tensors
 # ---------------------------------------------------------------------------------------------
-def _tensors(gen, n, with_buffers):
+def _tensors(gen, n, n_buffers):
     shapes = [(int(torch.randint(1, 6, (), generator=gen)), int(torch.randint(1, 6, (),
                                                                            generator=gen)))
               for _ in range(n)]
@@ -37,18 +37,24 @@ def _tensors(gen, n, with_buffers):
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in
               zip(shapes, dtypes)]
     grads = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
-    bufs = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)] \
-        if with_buffers else None
+    bufs = tuple([torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+                 for _ in range(n_buffers))
     return params, grads, bufs
+
+
+def _grad_column(grads, staged=()):
+    """The gradient column: each address (0 for None), or for a staged row 1 or 0."""
+    return [int(g is not None) if i in staged else (0 if g is None else g.data_ptr())
+            for i, g in enumerate(grads)]
 
 
 def _table(params, grads, bufs, staged=()):
     """The launcher's record of the tensors (csrc_triton.polyak_step._Plan.watched)."""
     table = np.zeros((len(params), csrc_host.ROW), dtype=np.int64)
-    for i, (x, g) in enumerate(zip(params, grads)):
-        b = bufs[i] if bufs is not None else None
-        table[i] = (x.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None else 0, x.numel(),
-                    i in staged)
+    column = _grad_column(grads, staged)
+    for i, x in enumerate(params):
+        b = [bs[i].data_ptr() for bs in bufs] + [0] * (2 - len(bufs))
+        table[i] = (x.data_ptr(), column[i], *b, x.numel(), i in staged)
     return table
 
 
@@ -74,12 +80,21 @@ CHANGES = {
     "param_transposed": lambda x, g, b, i: (_set_data(x, i, _square_t(x[i].data)), g, b),
     "param_not_a_tensor": lambda x, g, b, i: (x[:i] + [3.0] + x[i + 1:], g, b),
     "param_meta": lambda x, g, b, i: (x[:i] + [x[i].to("meta")] + x[i + 1:], g, b),
-    "buffer_replaced": lambda x, g, b, i: (x, g, None if b is None else
-                                           b[:i] + [b[i].clone()] + b[i + 1:]),
-    "buffer_other_dtype": lambda x, g, b, i: (x, g, None if b is None else
-                                              b[:i] + [b[i].double()] + b[i + 1:]),
+    "grad_none_comes_back": lambda x, g, b, i: (x, g[:i] + [None] + g[i + 1:], b),  # (below)
+    "buffer_replaced": lambda x, g, b, i: (x, g, _edit_last(b, i, lambda t: t.clone())),
+    "buffer_other_dtype": lambda x, g, b, i: (x, g, _edit_last(b, i, lambda t: t.double())),
+    "buffer_list_shorter": lambda x, g, b, i: (x, g, b[:-1] + (b[-1][:-1],) if b else b),
     "one_grad_fewer": lambda x, g, b, i: (x, g[:-1], b),
 }
+
+
+def _edit_last(bufs, i, edit):
+    """The buffer lists with tensor i of the last one edited."""
+    if not bufs:
+        return bufs
+    last = list(bufs[-1])
+    last[i] = edit(last[i])
+    return bufs[:-1] + (last,)
 
 
 def _set_data(tensors, i, data):
@@ -88,9 +103,9 @@ def _set_data(tensors, i, data):
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
-@pytest.mark.parametrize("with_buffers", [False, True])
+@pytest.mark.parametrize("n_buffers", [0, 1, 2])
 @pytest.mark.parametrize("staged_row", [False, True])
-def test_check_tensors_compiled_equals_reference(compiled, change, with_buffers, staged_row):
+def test_check_tensors_compiled_equals_reference(compiled, change, n_buffers, staged_row):
     for seed in range(4):
         gen = torch.Generator().manual_seed(seed)
         n = 5
@@ -99,17 +114,22 @@ def test_check_tensors_compiled_equals_reference(compiled, change, with_buffers,
         outcomes = []
         for module in (reference, compiled):
             gen.manual_seed(seed)
-            params, grads, bufs = _tensors(gen, n, with_buffers)
+            params, grads, bufs = _tensors(gen, n, n_buffers)
             keep = list(grads)  # keep the old grads alive: a new one gets a new address
+            if change == "grad_none_comes_back":  # recorded without a gradient, which returns
+                grads[i], keep_i = None, grads[i]
             table = _table(params, grads, bufs, staged)
             before = table.copy()
-            params, grads, bufs = CHANGES[change](list(params), list(grads), bufs, i)
+            if change == "grad_none_comes_back":
+                grads[i] = keep_i
+            else:
+                params, grads, bufs = CHANGES[change](list(params), list(grads), bufs, i)
             status = module.check_tensors(tuple(params), grads, bufs, table)
             changed = table != before
             outcomes.append((status, changed.nonzero()))
             if status == 1:
-                assert changed.any()
-                assert (table[:, 1] == [g.data_ptr() for g in grads]).all()
+                assert changed.any() and not changed[:, [0, 2, 3, 4, 5]].any()
+                assert (table[:, 1] == _grad_column(grads, staged)).all()
             elif status == 0:
                 assert not changed.any()
             del keep
@@ -123,12 +143,15 @@ def test_check_tensors_expected_statuses(compiled):
     """A few statuses stated outright (not only compiled == reference)."""
     gen = torch.Generator().manual_seed(1)
     for module in (reference, compiled):
-        params, grads, bufs = _tensors(gen, 4, True)
+        params, grads, bufs = _tensors(gen, 4, 2)
         table = _table(params, grads, bufs)
         assert module.check_tensors(params, grads, bufs, table) == 0
         grads[2] = grads[2].clone()
         assert module.check_tensors(params, grads, bufs, table) == 1
         assert module.check_tensors(params, grads, bufs, table) == 0  # the table took it
+        grads[1] = None                                # a parameter not stepped this time
+        assert module.check_tensors(params, grads, bufs, table) == 1 and table[1, 1] == 0
+        assert module.check_tensors(params, grads, bufs, table) == 0
         backup = params[0].data
         params[0].data = backup.clone()  # moved while the old storage is kept alive
         assert module.check_tensors(params, grads, bufs, table) == 2

@@ -215,9 +215,72 @@ PyObject* check_tensors(PyObject*, PyObject* args) {
   return PyLong_FromLong(status);
 }
 
+// specialisation(args, flags) -> tuple of ints
+//
+// What Triton specialises a compiled kernel variant on, for each launch argument (the key of
+// the launcher's direct launches: csrc_triton.polyak_step._variant_key). `flags[i]`: bit 0 set
+// when argument i is do_not_specialize, bit 1 when it is do_not_specialize_on_alignment.
+//   tensor: 4 * (scalar type + 1), + 1 if its address is a multiple of 16 and alignment is
+//           specialised, + 2 if alignment is not specialised;
+//   bool:   1000 + value (0 when do_not_specialize);
+//   int:    2000 + 8 * width (0: 32-bit, 1: signed 64-bit, 2: unsigned 64-bit), + 1 if it is 1,
+//           + 2 if a multiple of 16, + 4 when do_not_specialize (then no value bits);
+//   other:  3000 (by type only: a float, None).
+PyObject* specialisation(PyObject*, PyObject* args) {
+  PyObject* values;
+  Py_buffer flags;
+  if (!PyArg_ParseTuple(args, "O!y*", &PyTuple_Type, &values, &flags)) return nullptr;
+  const Py_ssize_t n = PyTuple_GET_SIZE(values);
+  if (flags.len < n) {
+    PyBuffer_Release(&flags);
+    PyErr_SetString(PyExc_ValueError, "specialisation: fewer flags than arguments");
+    return nullptr;
+  }
+  const uint8_t* f = static_cast<const uint8_t*>(flags.buf);
+  PyObject* out = PyTuple_New(n);
+  PyTypeObject* ok = nullptr;
+  for (Py_ssize_t i = 0; out && i < n; i++) {
+    PyObject* a = PyTuple_GET_ITEM(values, i);
+    const bool no_spec = f[i] & 1, no_align = f[i] & 2;
+    long long code;
+    if (any_tensor(a, ok)) {
+      const at::Tensor& t = THPVariable_Unpack(a);
+      code = 4LL * (static_cast<int>(t.scalar_type()) + 1);
+      if (no_spec || no_align)
+        code += 2;
+      else if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0)
+        code += 1;
+    } else if (PyBool_Check(a)) {
+      code = 1000 + (no_spec ? 0 : (a == Py_True));
+    } else if (PyLong_Check(a)) {
+      int overflow = 0;
+      const long long v = PyLong_AsLongLongAndOverflow(a, &overflow);
+      const int width = overflow > 0 ? 2 : (overflow < 0 || v < INT32_MIN || v > INT32_MAX);
+      code = 2000 + 8 * width;
+      if (no_spec)
+        code += 4;
+      else if (overflow == 0)
+        code += (v == 1) + 2 * (v % 16 == 0);
+      PyErr_Clear();
+    } else {
+      code = 3000;
+    }
+    PyObject* c = PyLong_FromLongLong(code);
+    if (!c) {
+      Py_DECREF(out);
+      out = nullptr;
+      break;
+    }
+    PyTuple_SET_ITEM(out, i, c);
+  }
+  PyBuffer_Release(&flags);
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"grads_of_groups", grads_of_groups, METH_VARARGS, nullptr},
     {"check_tensors", check_tensors, METH_VARARGS, nullptr},
+    {"specialisation", specialisation, METH_VARARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_polyak_host_pass", nullptr, -1, methods};

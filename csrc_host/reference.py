@@ -104,3 +104,48 @@ def _check_rows(params, grads, buffers, rows, n) -> int:
             rows[i + 1] = address
             status = 1
     return status
+
+
+def specialisation(values: tuple, flags: bytes) -> tuple:
+    """What Triton specialises a compiled kernel variant on, for each launch argument: the key
+    of the launcher's direct launches (csrc_triton.polyak_step._variant_key). `flags[i]`: bit 0
+    set when argument i is do_not_specialize, bit 1 when do_not_specialize_on_alignment
+    (triton.runtime.jit: a tensor is specialised on its dtype and, unless told not to, on a
+    16-byte-aligned address; an int on its width and, unless do_not_specialize, on being 1 or a
+    multiple of 16). One int per argument:
+      tensor  4 * (scalar type + 1), + 1 if aligned to 16 and alignment is specialised, + 2 if
+              alignment is not specialised (torch's ScalarType numbering);
+      bool    1000 + value (0 when do_not_specialize);
+      int     2000 + 8 * width (0: 32-bit, 1: signed 64-bit, 2: unsigned 64-bit), + 1 if it is
+              1, + 2 if a multiple of 16, + 4 when do_not_specialize (then no value bits);
+      other   3000 (by type only)."""
+    if len(flags) < len(values):
+        raise ValueError("specialisation: fewer flags than arguments")
+    out = []
+    for a, f in zip(values, flags):
+        no_spec, no_align = f & 1, f & 2
+        if isinstance(a, torch.Tensor):
+            code = 4 * (_SCALAR_TYPE[a.dtype] + 1)
+            if no_spec or no_align:
+                code += 2
+            elif a.data_ptr() % 16 == 0:
+                code += 1
+        elif isinstance(a, bool):
+            code = 1000 + (0 if no_spec else int(a))
+        elif isinstance(a, int):
+            width = 2 if a >= 2**63 else (1 if a < -2**63 or not -2**31 <= a < 2**31 else 0)
+            code = 2000 + 8 * width
+            if no_spec:
+                code += 4
+            elif -2**63 <= a < 2**63:
+                code += (a == 1) + 2 * (a % 16 == 0)
+        else:
+            code = 3000
+        out.append(code)
+    return tuple(out)
+
+
+#: torch's ScalarType numbering (c10/core/ScalarType.h), for the dtypes a kernel argument has.
+_SCALAR_TYPE = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4,
+                torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.complex32: 8,
+                torch.complex64: 9, torch.complex128: 10, torch.bool: 11, torch.bfloat16: 15}

@@ -747,7 +747,7 @@ def _refresh_lrs(plan: _Plan, values) -> None:
 # ------------------------------------------------------------------------------------------------
 #: Compiled kernels by _variant_key, for direct launches.
 _COMPILED: dict = {}
-#: Per kernel: how Triton specialises each of its runtime arguments (_specialisation_plan).
+#: Per kernel: how Triton may specialise each of its runtime arguments (_specialisation_flags).
 _SPECIALISES: dict = {}
 
 
@@ -778,36 +778,28 @@ def _hook_set(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _specialisation_plan(kernel) -> tuple:
-    """For each runtime argument of `kernel`, what Triton specialises a compiled variant on
-    (triton.runtime.jit: a tensor by its dtype and, unless do_not_specialize_on_alignment,
-    whether its address is a multiple of 16; an int by its width and, unless
-    do_not_specialize, whether it is 1 or a multiple of 16), read from the kernel's own
-    declarations so that the key cannot drift from them."""
-    plan = _SPECIALISES.get(id(kernel))
-    if plan is None:
-        plan = tuple((p.do_not_specialize, p.do_not_specialize_on_alignment)
-                     for p in kernel.params if not p.is_constexpr)
-        _SPECIALISES[id(kernel)] = plan
-    return plan
+def _specialisation_flags(kernel) -> bytes:
+    """For each runtime argument of `kernel`, whether Triton is told not to specialise it (bit 0:
+    do_not_specialize) or not on its alignment (bit 1), read from the kernel's own declarations,
+    so that the key cannot drift from them."""
+    flags = _SPECIALISES.get(id(kernel))
+    if flags is None:
+        flags = bytes(int(p.do_not_specialize) | 2 * int(p.do_not_specialize_on_alignment)
+                      for p in kernel.params if not p.is_constexpr)
+        _SPECIALISES[id(kernel)] = flags
+    return flags
 
 
 def _variant_key(kernel, args: tuple, consts: tuple, num_warps: int, index: int) -> tuple:
     """Everything that selects a compiled variant of `kernel` for these arguments: per argument
-    what Triton specialises it on, the constexprs, the launch options and the device. Two
-    launches with equal keys run the same compiled code in Triton too."""
-    spec = []
-    for a, (no_spec, no_align) in zip(args, _specialisation_plan(kernel)):
-        if isinstance(a, torch.Tensor):
-            spec.append((a.dtype, None if no_align or no_spec else a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool):
-            spec.append(("i1", None if no_spec else a))
-        elif isinstance(a, int):
-            width = "i32" if -2**31 <= a < 2**31 else ("u64" if a >= 2**63 else "i64")
-            spec.append((width, None if no_spec else (a == 1, a % 16 == 0)))
-        else:  # a float, or anything else: by type
-            spec.append((type(a).__name__, None))
-    return (id(kernel), tuple(spec), consts, num_warps, FP_FUSION, index)
+    what Triton specialises it on (triton.runtime.jit: a tensor by its dtype and, unless
+    do_not_specialize_on_alignment, whether its address is a multiple of 16; an int by its width
+    and, unless do_not_specialize, whether it is 1 or a multiple of 16: csrc_host's
+    `specialisation`, in C++, 0.3 us for a launch's arguments), the constexprs, the launch
+    options and the device. Two launches with equal keys run the same compiled code in Triton
+    too."""
+    spec = csrc_host.implementation().specialisation(args, _specialisation_flags(kernel))
+    return (id(kernel), spec, consts, num_warps, FP_FUSION, index)
 
 
 class _OnDevice:

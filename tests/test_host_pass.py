@@ -311,3 +311,43 @@ def test_the_fused_path_uses_the_compiled_module(compiled):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert csrc_host.implementation().__file__ == compiled.__file__
+
+
+# ---------------------------------------------------------------------------------------------
+# specialisation (the key of the launcher's direct launches)
+# ---------------------------------------------------------------------------------------------
+def _launch_args(gen):
+    base = torch.zeros(64, dtype=torch.float32)
+    values = [torch.zeros(3, dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16,
+                                                   torch.int64, torch.float64)]
+    values += [base[1:], base[4:]]                      # 4 and 16 bytes past an aligned start
+    values += [True, False, 0, 1, 16, 17, -16, -1, 2**31 - 1, 2**31, -2**31, -2**31 - 1,
+               2**63 - 1, 2**63, 2**64 + 5, -2**63, -2**64, 1.5, None]
+    order = torch.randperm(len(values), generator=gen).tolist()
+    return tuple(values[i] for i in order)
+
+
+def test_specialisation_compiled_equals_reference(compiled):
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        args = _launch_args(gen)
+        flags = bytes(torch.randint(0, 4, (len(args),), generator=gen).tolist())
+        assert compiled.specialisation(args, flags) == reference.specialisation(args, flags)
+
+
+def test_specialisation_sees_what_triton_specialises(compiled):
+    """The dtype of every tensor; its alignment unless told not to; an int's width always, its
+    value class (1, a multiple of 16) unless do_not_specialize."""
+    for module in (reference, compiled):
+        spec = module.specialisation
+        base = torch.zeros(64)
+        fp32, bf16 = torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)
+        assert spec((fp32,), b"\0") != spec((bf16,), b"\0")
+        assert spec((base,), b"\0") != spec((base[1:],), b"\0")       # alignment specialised
+        assert spec((base,), b"\2") == spec((base[1:],), b"\2")       # ... unless not
+        assert spec((fp32,), b"\2") != spec((bf16,), b"\2")           # the dtype always
+        assert spec((7,), b"\0") != spec((16,), b"\0") != spec((1,), b"\0")
+        assert spec((7,), b"\1") == spec((16,), b"\1") == spec((1,), b"\1")  # do_not_specialize
+        assert spec((7,), b"\1") != spec((2**40,), b"\1")             # the width still counts
+        with pytest.raises(ValueError, match="fewer flags"):
+            spec((1, 2), b"\0")

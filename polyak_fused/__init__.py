@@ -7,6 +7,7 @@ from .dog import DoG, dog
 from .inexact_polyak import InexactPolyak, inexact_polyak
 from .nsgdm import NSGDM, nsgdm
 from .polyak import Polyak, polyak
+from ._optimizer import watch_loss
 
 __all__ = [
     "InexactPolyak", "inexact_polyak",
@@ -16,5 +17,6 @@ __all__ = [
     "DoG", "dog",
     "ClippedSGD", "clipped_sgd",
     "NSGDM", "nsgdm",
+    "watch_loss",
 ]
 __version__ = "0.1.0"

@@ -163,6 +163,29 @@ def _in_current_format(state_dict: dict) -> dict:
     return {**state_dict, "state": state, "param_groups": groups}
 
 
+def unwrap(optimizer):
+    """The optimizer inside a framework's wrappers: accelerate's ``AcceleratedOptimizer`` and
+    Lightning's ``LightningOptimizer`` keep it in ``.optimizer`` (unchanged if it is not
+    wrapped)."""
+    for _ in range(8):  # wrappers nest a few levels at most; never loop on a self-reference
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or isinstance(optimizer, PolyakFamilyOptimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def watch_loss(optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """``opt.watch_loss(loss)`` for the polyak_fused optimizer inside `optimizer`, which may be a
+    framework's wrapper without that method (accelerate's ``AcceleratedOptimizer``, which
+    ``accelerator.prepare`` returns). Returns ``loss``."""
+    found = unwrap(optimizer)
+    if not isinstance(found, PolyakFamilyOptimizer):
+        raise TypeError(f"watch_loss: {type(optimizer).__name__} is not, and does not wrap, an "
+                        f"optimizer of polyak_fused")
+    return found.watch_loss(loss)
+
+
 class _Live:
     """What step() reads and writes between calls, besides the torch.optim state: the watched
     loss pending for the next step, the flat gradients (flatten_grads), the packed scalar buffer

@@ -210,3 +210,42 @@ def test_manual_optimization_equals_automatic():
     assert int(opt.scalars["step"]) == 8
     assert_same_params(manual, automatic, rtol=0, atol=0, what="manual vs automatic")
 
+
+
+class DiscardingRegression(Regression):
+    """Manual optimization through Lightning's LightningOptimizer (self.optimizers()): a
+    backward on another batch is discarded with opt.zero_grad() before the real one. With
+    `watch` the module watches the loss itself through the wrapper (no callback)."""
+
+    def __init__(self, watch: bool):
+        super().__init__()
+        self.automatic_optimization = False
+        self.watch = watch
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        assert type(opt).__name__.startswith("Lightning"), type(opt)  # the wrapper
+        x, y = batch
+        opt.zero_grad()
+        discarded = 10.0 * torch.nn.functional.mse_loss(self.net(x.flip(0) + 1.0), y)
+        self.manual_backward(opt.watch_loss(discarded) if self.watch else discarded)
+        opt.zero_grad()                                    # drops .grad and the watched loss
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(opt.watch_loss(loss) if self.watch else loss)
+        opt.step()
+
+
+@pytest.mark.parametrize("who_watches", ["callback", "module_through_the_wrapper"])
+def test_manual_optimization_through_the_wrapper_shares_the_optimizers_state(who_watches):
+    """zero_grad() and watch_loss() called on the LightningOptimizer act on the real optimizer's
+    pending loss (they used to land on the wrapper: a discarded backward added its loss to the
+    next step, and a loss watched through the wrapper was not seen by the step)."""
+    automatic = Regression()
+    fit(automatic, 16)
+    manual = DiscardingRegression(watch=who_watches != "callback")
+    callbacks = [PolyakCallback()] if who_watches == "callback" else []
+    if who_watches != "callback":
+        manual.make_optimizer = lambda ps: pf.InexactPolyak(ps, total_steps=8)
+    _, opt = fit(manual, 16, callbacks=callbacks)
+    assert int(opt.scalars["step"]) == 8
+    assert_same_params(manual, automatic, rtol=0, atol=0, what=f"manual ({who_watches})")

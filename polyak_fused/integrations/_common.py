@@ -7,24 +7,13 @@ from __future__ import annotations
 import math
 import warnings
 
-from .._optimizer import PolyakFamilyOptimizer
+from .._optimizer import PolyakFamilyOptimizer, unwrap
 from ..clipped_sgd import ClippedSGD
 from ..nsgdm import NSGDM
 
 #: Optimizers whose ``lr`` is a real learning rate. For every other optimizer of the package ``lr``
 #: multiplies a step size the method computes, so a schedule that decays it changes the method.
 LR_IS_A_LEARNING_RATE = (ClippedSGD, NSGDM)
-
-
-def unwrap(optimizer):
-    """The optimizer inside a framework's wrappers (accelerate's ``AcceleratedOptimizer`` and
-    Lightning's ``LightningOptimizer`` keep it in ``.optimizer``)."""
-    for _ in range(8):  # wrappers nest a few levels at most; never loop on a self-reference
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or isinstance(optimizer, PolyakFamilyOptimizer):
-            break
-        optimizer = inner
-    return optimizer
 
 
 def require_optimizer(optimizer, where: str, fix: str) -> PolyakFamilyOptimizer:

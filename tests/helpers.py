@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+def needs_cuda(test):
+    """A GPU-only test: marked `gpu_only` (python -m bench.gpu_check runs them with
+    `pytest -m gpu_only`) and skipped where no CUDA device is available."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu_only(skip(test))
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float,

@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, assert_close
+from helpers import assert_bitwise_equal, assert_close, needs_cuda
 from test_parity import OPTIMIZERS
 
 import polyak_fused as pf
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _model_params(device, seed=0):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import polyak_fused as pf
+from helpers import needs_cuda
 from test_watch_loss import FACTORIES, NoHostSync, make_batches, make_model, micro_batches, mse
 
 STEPS = 4
@@ -180,7 +181,7 @@ def test_grad_scaler_step_makes_no_host_sync(fused):
     assert opt.scalars["step"].item() == STEPS
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_cuda_watched_loss_and_grad_scaler_step_makes_no_host_sync():
     """On a GPU (fused=None takes the kernels): accumulation through watch_loss, fp16 autocast
     and GradScaler; every step() runs under torch.cuda.set_sync_debug_mode("error")."""

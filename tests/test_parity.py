@@ -49,6 +49,7 @@ DTYPES = {
     torch.float16: (3e-3, 3e-3),
 }
 SCALAR_RTOL = 1e-4
+MIXED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DEPENDENT_SCALARS = ("dog", "nsgdm")
 
 
@@ -67,11 +68,13 @@ def _shapes(case: str) -> list:
 
 
 def _make_params(shapes, dtype, device, gen):
-    """Parameters of the given shapes; with dtype "fp32+bf16" every other one is bfloat16."""
+    """Parameters of the given shapes; a dtype "fp32+bf16" or "fp32+bf16+fp16" cycles through
+    those dtypes."""
     params = []
     for i, shape in enumerate(shapes):
-        if dtype == "fp32+bf16":
-            params += _make_params([shape], (torch.float32, torch.bfloat16)[i % 2], device, gen)
+        if isinstance(dtype, str):
+            cycle = [MIXED[name] for name in dtype.split("+")]
+            params += _make_params([shape], cycle[i % len(cycle)], device, gen)
             continue
         if shape == "strided":  # a transposed view: not contiguous
             base = torch.randn(11, 37, generator=gen, dtype=torch.float64)
@@ -160,11 +163,14 @@ def test_fused_matches_reference_on_300_tensors(name, device):
     _compare(fused, ref, fp, rp, torch.float32, f"{name}/many")
 
 
+@pytest.mark.parametrize("mix", ["fp32+bf16", "fp32+bf16+fp16"])
 @pytest.mark.parametrize("name", ["inexact_polyak_best", "dog", "nsgdm", "clipped_sgd_momentum"])
-def test_fused_matches_reference_across_two_dtype_groups(name, device):
-    """float32 and bfloat16 parameters in one optimizer: two launches per phase, one norm."""
-    fused, ref, fp, rp = _run_pair(name, "fp32+bf16", _shapes("mixed"), device, seed=2)
-    _compare(fused, ref, fp, rp, torch.bfloat16, f"{name}/fp32+bf16")
+def test_fused_matches_reference_across_dtype_groups(name, mix, device):
+    """float32, bfloat16 (and float16) parameters in one optimizer: one launch per group and
+    phase, one norm. (On a GPU each group runs the variant compiled for its own dtype:
+    tests/test_gpu_launch.py checks the launches themselves.)"""
+    fused, ref, fp, rp = _run_pair(name, mix, _shapes("mixed"), device, seed=2)
+    _compare(fused, ref, fp, rp, torch.bfloat16, f"{name}/{mix}")
 
 
 def test_fused_matches_reference_on_a_large_odd_tensor(device):

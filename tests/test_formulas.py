@@ -1,7 +1,7 @@
 """Each step rule of the eager reference against values worked out by hand.
 
 The expected values are computed here with plain Python floats from the formulas in the class
-docstrings (and ../shared/ALGORITHMS.md), never by calling the package's reference. Parameters
+docstrings (and the papers they cite), never by calling the package's reference. Parameters
 and gradients are tiny float64 tensors whose gradients are set by hand, so every number can be
 followed on paper. Tolerances are a few ulps of float64 (the reference sums squares per tensor and
 then over tensors, which rounds differently from Python's left-to-right sum).

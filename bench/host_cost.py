@@ -42,7 +42,7 @@ since this shared VM's speed drifts over seconds (the same measurement gave 0.05
 a minute apart at load average 0.6). A C compiler must be on the PATH (Triton needs one too)
 and Triton must ship ptxas; the command stops with a message saying which is missing.
 
-The step's per-tensor work runs in csrc_host's compiled C++ module (built on the first run and
+The step's per-tensor work runs in the compiled C++ module of polyak_fused._host_pass (built on the first run and
 cached); ``POLYAK_HOST_PASS=python python -m bench.host_cost ...`` measures its Python version,
 what runs where no C++ compiler is found. The CSV's note says which one ran.
 """
@@ -111,7 +111,7 @@ def install_fake_driver():
 def fused_on_host_memory() -> None:
     """Take the fused path for CPU tensors, with the launch configuration of an H100."""
     import polyak_fused._optimizer as opt_mod
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
 
     opt_mod.interpreter_enabled = lambda: True
     if hasattr(K, "cuda_launch_config"):
@@ -168,7 +168,7 @@ def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches,
         if i >= warmup:
             times.append((t1 - t0) / 1e6)
     q = statistics.quantiles(times, n=5)
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
 
     n_launches = launches()
     return {"steps": steps, "median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1],
@@ -178,10 +178,10 @@ def time_scenario(scenario: str, shapes, steps: int, warmup: int, launches,
 
 
 def host_pass_in_use() -> str:
-    """Which host pass the steps used (csrc_host: the compiled C++ module, or its Python
+    """Which host pass the steps used (polyak_fused._host_pass: the compiled C++ module, or its Python
     version: POLYAK_HOST_PASS=python measures that one)."""
     try:
-        import csrc_host
+        from polyak_fused import _host_pass as csrc_host
     except ImportError:  # a commit before the host pass (a "before" measurement)
         return ""
     return "host pass: " + ("Python" if csrc_host.implementation() is csrc_host.reference

@@ -21,7 +21,7 @@ What is measured, per (optimizer, layout, dtype, provider):
     touched (CUDA: 256 MB zeroed; CPU: 48 MB read), all outside the timed region. Median and
     20th/80th percentiles over the repetitions.
   * bytes: the algorithmic traffic of the method, taken from the fused kernels' traffic budget
-    (csrc_triton/polyak_step.py), the same count for every provider, so GB/s compare.
+    (polyak_fused/_kernels/polyak_step.py), the same count for every provider, so GB/s compare.
   * frac_of_floor = (bytes / copy bandwidth) / median time, where the copy bandwidth is measured
     in the same run (a large device-to-device copy, bytes read + written): 1.0 is the floor of
     DESIGN.md "The limit we measure against".
@@ -100,7 +100,7 @@ OPTIMIZERS = {
 
 def bytes_per_param(method: str, dtype: torch.dtype, hparams: dict | None = None) -> int:
     """Algorithmic bytes per parameter of one step, from the traffic comments of the kernels in
-    csrc_triton/polyak_step.py (E = bytes per element of the parameter dtype):
+    polyak_fused/_kernels/polyak_step.py (E = bytes per element of the parameter dtype):
 
       Polyak family, ClippedSGD without momentum: reduce reads g (E); update reads x, g and
           writes x (3E): 4E (16 B fp32, 8 B bf16).
@@ -132,7 +132,7 @@ def git_sha() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
                              capture_output=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "polyak_fused",
-                                "csrc_triton", "bench/baselines.py", "bench/step_benchmark.py"],
+                                "bench/baselines.py", "bench/step_benchmark.py"],
                                cwd=root, text=True, capture_output=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import _eager
 from .distributed import current_reduction
 
-_launcher = None  # csrc_triton.polyak_step.polyak_step_, imported on the first fused step
+_launcher = None  # polyak_fused._kernels.polyak_step.polyak_step_, imported on the first fused step
 _guards: dict = {}
 
 
@@ -21,7 +21,7 @@ def _load_launcher():
     except ImportError as err:  # pragma: no cover - only where triton is missing
         raise RuntimeError("the fused path needs Triton (pip install triton); use fused=False") \
             from err
-    from csrc_triton.polyak_step import polyak_step_
+    from ._kernels.polyak_step import polyak_step_
 
     from ._optimizer import TINY_GRAD_SQ
     from .clipped_sgd import CLIP_EPS

@@ -22,9 +22,7 @@ from typing import Callable
 
 import torch
 
-import csrc_host
-
-from . import distributed
+from . import _host_pass, distributed
 
 #: sum(g^2) at or below this value counts as a zero gradient: the step is zero (never inf/NaN).
 #: It is ||g|| <= 1e-8, the threshold of the SPS and SLS reference codes.
@@ -461,7 +459,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
 
         This is the host's per-tensor work of every step: it reads every .grad. On the fused
         path, when the same params have a .grad as at the last step (the common case), one call
-        of the host pass (csrc_host, in C++) reads the grads and confirms it; the params tuple and
+        of the host pass (polyak_fused._host_pass, in C++) reads the grads and confirms it; the params tuple and
         the lrs of the last step are handed over again, so that what depends on them only is
         not looked at again (_param_set, the fused launcher's tables)."""
         groups = self.param_groups
@@ -516,7 +514,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             return cached[1], cached[2], cached[3]
         device = self._device(params)
         fused = use_fused_path(self.fused, params)
-        self._fused_cache["host_pass"] = csrc_host.implementation() if fused else None
+        self._fused_cache["host_pass"] = _host_pass.implementation() if fused else None
         buffers = {name: [] for name in self.BUFFERS}
         for p in params if buffers else ():  # (no empty state entries, as in torch.optim)
             st = self.state[p]
@@ -655,7 +653,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         flat = self._live.flat_grads
         on_views = flat is not None and flat.intact(self.param_groups)
         # flat gradients: the token vouches for the gradients, and the launcher checks only a
-        # few tensors per step (csrc_triton.polyak_step._Plan)
+        # few tensors per step (polyak_fused._kernels.polyak_step._Plan)
         self._fused_cache["grads_token"] = flat.token if on_views else None
         if on_views:
             params, grads, lrs = flat.lists

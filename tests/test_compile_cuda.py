@@ -10,7 +10,7 @@ launch options) down to a cubin, then reads:
     time from the addresses in its row of the table, so one misaligned tensor takes the scalar
     loop while the rest of its dtype group keeps the vectors (before, one misaligned tensor made
     the whole group scalar). Both loops move the same bytes per trip.
-  * the update kernel's PTX uses fused multiply-adds (csrc_triton.polyak_step.FP_FUSION);
+  * the update kernel's PTX uses fused multiply-adds (polyak_fused._kernels.polyak_step.FP_FUSION);
   * the cubin's resource usage (cuobjdump, shipped with Triton): no register spills.
 
 The tests' conftest turns on the interpreter, which replaces every @triton.jit function, so the
@@ -51,7 +51,7 @@ GUARDS = dict(TINY_GRAD_SQ=1e-16, DOG_EPS=1e-8, CLIP_EPS=1e-6)  # as polyak_fuse
 
 def _jobs():
     """Every (name, kernel, signature, constexprs, num_warps) the launcher can produce."""
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
 
     for vid, (method, flags) in zip(IDS, VARIANTS):
         for dtype, (ptr, _, _) in DTYPES.items():
@@ -123,7 +123,7 @@ def _compile_all() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
 
     report = {}
     for name, kernel, signature, constexprs, num_warps in _jobs():
@@ -187,7 +187,7 @@ def test_steady_loops_vector_width(report, vid, dtype):
 def test_update_kernels_use_fused_multiply_add(report):
     """FP_FUSION is passed to the compiler: x - (lr * eta) * g is one fma (Triton 3.10 turns
     fusion off by default, which would change the results bitwise)."""
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
 
     assert K.FP_FUSION is True
     for vid in IDS:

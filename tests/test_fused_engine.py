@@ -226,7 +226,7 @@ def test_cuda_graph_replay_equals_eager_steps(name):
 
 @needs_cuda
 def test_no_new_kernel_compiles_after_the_first_step():
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
 
     def n_compiled():
         return sum(len(c) for k in (K._reduce_kernel, K._step_size_kernel, K._update_kernel)

@@ -5,7 +5,7 @@ at the launch, the bytes of each parameter).
 
 Under the interpreter (the rest of the suite) every launch goes through kernel[grid]; on a GPU,
 after a variant has compiled, the launcher calls the compiled kernel directly
-(csrc_triton.polyak_step._launch). These tests take that path and check, for every method, on a
+(polyak_fused._kernels.polyak_step._launch). These tests take that path and check, for every method, on a
 model with float32, bfloat16 and float16 parameters in one optimizer:
   * each launch runs a variant compiled for its own arguments: the pointer types of the compiled
     signature are the dtypes of the tensors passed, and the parameter bytes the launcher packed
@@ -218,7 +218,7 @@ def main() -> dict:
     import torch
 
     import polyak_fused as pf
-    from csrc_triton import polyak_step as K
+    from polyak_fused._kernels import polyak_step as K
     from polyak_fused import _optimizer
 
     torch.set_num_threads(1)

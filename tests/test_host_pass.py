@@ -1,4 +1,4 @@
-"""csrc_host: the compiled host pass (host_pass.cpp) gives what its Python specification
+"""polyak_fused._host_pass: the compiled host pass (host_pass.cpp) gives what its Python specification
 (reference.py) gives, on every case either can meet: random tensors, then each change a training
 loop, a framework or a user can make. And the build: cached, and a failed one falls back to
 Python with a warning that says why (or raises, under POLYAK_HOST_PASS=cpp)."""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import csrc_host
-from csrc_host import build, reference
+from polyak_fused import _host_pass as csrc_host
+from polyak_fused._host_pass import build, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def _grad_column(grads, staged=()):
 
 
 def _table(params, grads, bufs, staged=()):
-    """The launcher's record of the tensors (csrc_triton.polyak_step._Plan.watched)."""
+    """The launcher's record of the tensors (polyak_fused._kernels.polyak_step._Plan.watched)."""
     table = np.zeros((len(params), csrc_host.ROW), dtype=np.int64)
     column = _grad_column(grads, staged)
     for i, x in enumerate(params):
@@ -281,18 +281,20 @@ def _run(env_extra: dict, code: str) -> subprocess.CompletedProcess:
 
 
 def test_a_failed_build_falls_back_to_python_and_says_why(tmp_path):
-    code = ("import warnings; warnings.simplefilter('always'); import csrc_host; "
-            "m = csrc_host.implementation(); print(m.__name__)")
+    code = ("import warnings; warnings.simplefilter('always'); "
+            "from polyak_fused import _host_pass; m = _host_pass.implementation(); "
+            "print(m.__name__)")
     done = _run({"CXX": "/bin/false", "POLYAK_FUSED_CACHE": str(tmp_path),
                  "POLYAK_HOST_PASS": "auto"}, code)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "csrc_host.reference"
+    assert done.stdout.strip() == "polyak_fused._host_pass.reference"
     assert "could not be built" in done.stderr and "compiling host_pass.cpp failed" in done.stderr
     done = _run({"CXX": "/bin/false", "POLYAK_FUSED_CACHE": str(tmp_path),
                  "POLYAK_HOST_PASS": "cpp"}, code)
     assert done.returncode != 0 and "BuildError" in done.stderr
     done = _run({"POLYAK_HOST_PASS": "python"}, code)
-    assert done.stdout.strip() == "csrc_host.reference" and "could not" not in done.stderr
+    assert done.stdout.strip() == "polyak_fused._host_pass.reference"
+    assert "could not" not in done.stderr
 
 
 def test_a_missing_compiler_is_named(monkeypatch):

@@ -21,10 +21,10 @@ import torch
 from helpers import assert_bitwise_equal, assert_close
 from test_parity import OPTIMIZERS, STATE_DEPENDENT_SCALARS
 
-import csrc_host
+from polyak_fused import _host_pass as csrc_host
 import polyak_fused as pf
-from csrc_host import build, reference
-from csrc_triton import polyak_step as K
+from polyak_fused._host_pass import build, reference
+from polyak_fused._kernels import polyak_step as K
 
 # bfloat16: a few units in the last place after up to six steps (the interpreter rounds toward
 # zero, torch to nearest: test_parity.DTYPES). A missed update shows in the float32 parameters,

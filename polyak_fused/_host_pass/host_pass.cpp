@@ -218,7 +218,7 @@ PyObject* check_tensors(PyObject*, PyObject* args) {
 // specialisation(args, flags) -> tuple of ints
 //
 // What Triton specialises a compiled kernel variant on, for each launch argument (the key of
-// the launcher's direct launches: csrc_triton.polyak_step._variant_key). `flags[i]`: bit 0 set
+// the launcher's direct launches: polyak_fused._kernels.polyak_step._variant_key). `flags[i]`: bit 0 set
 // when argument i is do_not_specialize, bit 1 when it is do_not_specialize_on_alignment.
 //   tensor: 4 * (scalar type + 1), + 1 if its address is a multiple of 16 and alignment is
 //           specialised, + 2 if alignment is not specialised;

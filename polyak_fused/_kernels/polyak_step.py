@@ -37,8 +37,9 @@ bench/NOTES.md). Offsets are 64-bit throughout. Each program reads its pointers 
 takes 16-byte vector loads when all of them are 16-byte aligned, scalar loads otherwise: alignment
 is decided per chunk, so one misaligned tensor does not slow down its dtype group.
 
-This module does not import polyak_fused: the guards' constants (defined once, beside the eager
-references) arrive as arguments of `polyak_step_` (`guards`), and reach the kernels as constexprs.
+This module imports nothing of polyak_fused but the host pass (`_host_pass`): the guards'
+constants (defined once, beside the eager references) arrive as arguments of `polyak_step_`
+(`guards`), and reach the kernels as constexprs.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-import csrc_host
+from .. import _host_pass
 
 try:
     from triton import knobs  # Triton >= 3.4
@@ -549,14 +550,14 @@ class _Plan:
     they are: the device tables, the scratch buffers, and what they were built from (`params`,
     `bufs` as tuples, `lr_slots`).
 
-    `watched` is the host's record of every tensor, one row of csrc_host.ROW values per
+    `watched` is the host's record of every tensor, one row of _host_pass.ROW values per
     parameter: the addresses of the parameter, its gradient (0: none; for a staged tensor 1 or
     0) and its state buffers, the element count, and whether it is staged. How a step knows the
     tables still hold (`_current_plan`):
       * a new parameter or state-buffer object: the step's sequences differ from the ones kept
         here (nothing to compare when the caller hands over the very tuples the plan kept:
         `_same`);
-      * anything else, every tensor at every step: `check_tensors` (csrc_host, C++: ~10 ns a
+      * anything else, every tensor at every step: `check_tensors` (_host_pass, C++: ~10 ns a
         tensor) compares each parameter, gradient and buffer with its row. New gradient
         addresses (or a gradient that appeared or went, for the methods that step over the
         whole iterate) only rewrite the gradient pointers; a parameter or buffer that moved or
@@ -582,7 +583,7 @@ class _Plan:
         self.watching = grads_token is not None  # storages are watched for flat gradients only
         self.n_sums = N_SUMS.get(method, 1)
         self.groups: list[_Group] = []
-        self.watched = np.zeros((len(params), csrc_host.ROW), dtype=np.int64)
+        self.watched = np.zeros((len(params), _host_pass.ROW), dtype=np.int64)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -676,7 +677,7 @@ class _Plan:
         (flat gradients), only the next SPOT_CHECKS_PER_STEP tensors are checked."""
         if token is not None and not self.watching:  # flat gradients from now on: rebuild
             return False                             # once, with the storage watches
-        check = csrc_host.implementation().check_tensors
+        check = _host_pass.implementation().check_tensors
         if token is not None and token is self.grads_token:
             start, n = self.spot_next, len(self.params)
             end = min(start + SPOT_CHECKS_PER_STEP, n)
@@ -794,11 +795,11 @@ def _variant_key(kernel, args: tuple, consts: tuple, num_warps: int, index: int)
     """Everything that selects a compiled variant of `kernel` for these arguments: per argument
     what Triton specialises it on (triton.runtime.jit: a tensor by its dtype and, unless
     do_not_specialize_on_alignment, whether its address is a multiple of 16; an int by its width
-    and, unless do_not_specialize, whether it is 1 or a multiple of 16: csrc_host's
+    and, unless do_not_specialize, whether it is 1 or a multiple of 16: the host pass's
     `specialisation`, in C++, 0.3 us for a launch's arguments), the constexprs, the launch
     options and the device. Two launches with equal keys run the same compiled code in Triton
     too."""
-    spec = csrc_host.implementation().specialisation(args, _specialisation_flags(kernel))
+    spec = _host_pass.implementation().specialisation(args, _specialisation_flags(kernel))
     return (id(kernel), spec, consts, num_warps, FP_FUSION, index)
 
 
@@ -907,7 +908,7 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
       * parameters and buffers: their objects, by identity (free when they come in the very
         tuples of the last step: tuples do not change in place);
       * every parameter, gradient and buffer: its address, size, dtype and layout, in one call
-        of csrc_host's check_tensors (C++), unless `cache["grads_token"]` is the object it was
+        of the host pass's check_tensors (C++), unless `cache["grads_token"]` is the object it was
         at the last step (flat gradients: the caller promises that the same token means the
         same gradient tensors); then a few tensors per step, in turn."""
     if method not in METHODS:
@@ -915,8 +916,8 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
     if scalars.dtype != torch.float32:
         raise RuntimeError("the fused path keeps its scalar state in float32")
     bufs = tuple(buffers.values())
-    if len(bufs) > csrc_host.MAX_BUFFERS:
-        raise ValueError(f"the fused path takes at most {csrc_host.MAX_BUFFERS} state buffers "
+    if len(bufs) > _host_pass.MAX_BUFFERS:
+        raise ValueError(f"the fused path takes at most {_host_pass.MAX_BUFFERS} state buffers "
                          f"per tensor, got {len(bufs)} ({', '.join(buffers)})")
     device = scalars.device
     cache = {} if cache is None else cache

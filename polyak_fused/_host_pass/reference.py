@@ -108,7 +108,7 @@ def _check_rows(params, grads, buffers, rows, n) -> int:
 
 def specialisation(values: tuple, flags: bytes) -> tuple:
     """What Triton specialises a compiled kernel variant on, for each launch argument: the key
-    of the launcher's direct launches (csrc_triton.polyak_step._variant_key). `flags[i]`: bit 0
+    of the launcher's direct launches (polyak_fused._kernels.polyak_step._variant_key). `flags[i]`: bit 0
     set when argument i is do_not_specialize, bit 1 when do_not_specialize_on_alignment
     (triton.runtime.jit: a tensor is specialised on its dtype and, unless told not to, on a
     16-byte-aligned address; an int on its width and, unless do_not_specialize, on being 1 or a

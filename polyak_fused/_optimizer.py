@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not
@@ -161,6 +162,17 @@ def _in_current_format(state_dict: dict) -> dict:
     return {**state_dict, "state": state, "param_groups": groups}
 
 
+def _require_triton() -> None:
+    """fused=True is refused at construction where Triton cannot be imported (DESIGN.md 7)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "Invalid fused: True, but Triton cannot be imported (pip install triton; CUDA builds "
+            "of torch bring it on Linux): the fused kernels need it. Use fused=None, which takes "
+            "the kernels where they run and the other paths elsewhere") from err
+
+
 def unwrap(optimizer):
     """The optimizer inside a framework's wrappers: accelerate's ``AcceleratedOptimizer`` and
     Lightning's ``LightningOptimizer`` keep it in ``.optimizer`` (unchanged if it is not
@@ -192,7 +204,8 @@ class _Live:
     or copies the optimizer's __dict__ sees and changes the same values: a loss watched, or
     zero_grad() called, through the wrapper is the real optimizer's."""
 
-    __slots__ = ("watched_loss", "flat_grads", "packed", "views", "fused_cache")
+    __slots__ = ("watched_loss", "flat_grads", "packed", "views", "fused_cache", "calls",
+                 "warned", "lr_peaks", "last_loss")
 
     def __init__(self):
         self.watched_loss = None
@@ -200,6 +213,10 @@ class _Live:
         self.packed = None
         self.views = None
         self.fused_cache = {}
+        self.calls = 0          # step() calls that reached the step (host count: no sync)
+        self.warned = set()     # the misuse warnings given once (_warn_once)
+        self.lr_peaks = {}      # id(group) -> the largest float lr a scheduler has set
+        self.last_loss = None   # the loss (a device tensor) of the last step, for diagnose()
 
 
 class PolyakFamilyOptimizer(torch.optim.Optimizer):
@@ -225,11 +242,17 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     #: (not stepped, its buffers unchanged, still counted in those quantities: README,
     #: "Parameters without a gradient"). Otherwise only the parameters with a .grad take part.
     WHOLE_ITERATE: bool = False
+    #: Whether lr multiplies a step size the method computes (1.0 being the method), so that a
+    #: decaying schedule changes the method: warned in a plain loop (_check_lr_schedule) and
+    #: refused by the training-framework integrations. False where lr is a learning rate.
+    LR_IS_A_MULTIPLIER: bool = True
 
     def __init__(self, params, defaults: dict, *, fused: bool | None, process_group=None,
                  average_loss: bool = True):
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if fused is True:
+            _require_triton()
         if "lr" in defaults:
             check_lr(defaults["lr"])
         self.fused = fused
@@ -427,6 +450,9 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
             if first is not None:
                 self.state[first].update(saved)
                 self._ensure_scalars()
+                # the host's count of step() calls, for the warnings that need it (a read of
+                # the device here, never in step())
+                self._live.calls = int(self._live.packed[:2].sum().item())
 
         last_pre = self.register_load_state_dict_pre_hook(read_saved_scalars)
         first_post = self.register_load_state_dict_post_hook(restore_scalars, prepend=True)
@@ -667,6 +693,10 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                                                                 scalars.dtype)
         _, fused, buffers = self._param_set(params)  # may create state: after every check
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
+        self._live.calls += 1
+        self._live.last_loss = loss_t
+        if self.LR_IS_A_MULTIPLIER:
+            self._check_lr_schedule()
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
             self._run(params, grads, buffers, lrs, loss_t, fused, amp)
         if flat is not None and not on_views:  # a .grad was not its view: put the views back
@@ -676,6 +706,77 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         """Call the method's functional form; amp = dict(grad_scale=..., found_inf=...)."""
         raise NotImplementedError
+
+    # ---- misuse that changes the method silently: warned once, without a host sync -----------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._live.warned:
+            self._live.warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    def _check_lr_schedule(self) -> None:
+        """A torch.optim.lr_scheduler marks each group with "initial_lr". When a float lr falls
+        below the largest it has had, the schedule decays the multiplier of the method's step
+        (warmups, which only raise it, are left alone). A tensor lr is not read (a sync)."""
+        peaks = self._live.lr_peaks
+        for group in self.param_groups:
+            if "initial_lr" not in group:
+                continue
+            lr = group["lr"]
+            if torch.is_tensor(lr):
+                continue
+            peak = peaks.get(id(group), lr)
+            if lr < peak:
+                self._warn_once(
+                    "lr_schedule",
+                    f"{type(self).__name__}: a learning-rate scheduler lowered lr from {peak:g} "
+                    f"to {lr:g}. For this optimizer lr is not a learning rate but a multiplier on "
+                    f"the step size the method computes (1.0 is the method), so a decaying "
+                    f"schedule shrinks every step on top of the method's own rule. Leave lr at "
+                    f"1.0 with no scheduler (a warmup that only raises lr is not warned about).")
+            peaks[id(group)] = max(peak, lr)
+
+    def diagnose(self) -> dict:
+        """Why the steps are what they are, read when you ask (this reads device values: a host
+        sync, so call it outside the training loop). Returns the counters, the last step's step
+        size and loss, ||g|| of the gradients now in ``.grad``, the lower bound the step size is
+        measured from (where the method has one), and ``"verdict"``: a sentence naming what makes
+        the last step zero (a loss at or below the lower bound, a zero gradient) or skipped, or
+        saying that it moved."""
+        s = {k: float(v) for k, v in self.scalars.items()}
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grad_sq = float(sum(g.detach().double().square().sum() for g in grads)) if grads else None
+        last = None if self._live.last_loss is None else float(self._live.last_loss)
+        bound = self._lower_bound()
+        out = {**s, "last_loss": last, "grad_norm": None if grad_sq is None else grad_sq ** 0.5,
+               "lower_bound": bound}
+        size = s.get("step_size")
+        if s["step"] + s["skipped"] == 0:
+            verdict = "no step taken yet"
+        elif last is not None and not math.isfinite(last):
+            verdict = f"the last loss was {last}: the step was skipped (skipped = {s['skipped']:g})"
+        elif size is not None and size == 0.0:
+            if grad_sq is not None and grad_sq <= TINY_GRAD_SQ:
+                verdict = ("the last step was zero: ||g||^2 <= 1e-16 (a zero gradient; is the loss "
+                           "connected to the parameters?)")
+            elif bound is not None and last is not None and last <= bound[1]:
+                verdict = (f"the last step was zero: the loss {last:g} is at or below "
+                           f"{bound[0]} = {bound[1]:g}, so the gap (f - {bound[0]})+ is 0 and the "
+                           f"parameters stay where they are. Give a lower bound below every loss "
+                           f"the model can reach (0 for cross-entropy and squared losses)")
+            else:
+                verdict = "the last step was zero"
+        else:
+            verdict = "the last step moved the parameters" if size is None or size > 0 else \
+                f"the last step size was {size:g}"
+        out["verdict"] = verdict
+        return out
+
+    def _lower_bound(self):
+        """(name, value) of the lower bound the step size is measured from, or None."""
+        for name in ("lower_bound", "f_star", "lb"):
+            if name in self.defaults:
+                return name, float(self.param_groups[0][name])
+        return None
 
     def _hparams(self) -> dict:
         """The global hyperparameters, read from the param groups (all equal), so that

@@ -122,7 +122,17 @@ class InexactPolyak(PolyakFamilyOptimizer):
                 "opt.set_total_steps(T), or attach the training-framework integration "
                 "(polyak_fused.integrations.hf.attach(trainer) or "
                 "polyak_fused.integrations.lightning.PolyakCallback()), which fills it in")
-        return super().step(closure, **kwargs)
+        result = super().step(closure, **kwargs)
+        total = self.param_groups[0]["total_steps"]
+        if self._live.calls > total:  # counted on the host: no sync
+            self._warn_once(
+                "horizon",
+                f"InexactPolyak: step() called {self._live.calls} times with total_steps={total}. "
+                f"T is the horizon of the step size (f - l*)/(sqrt(T) ||g||^2): past it, the "
+                f"steps are sized for a shorter run than this one. Set total_steps to the "
+                f"number of step() calls of the whole run (optimizer steps, not batches, under "
+                f"gradient accumulation), or opt.set_total_steps(T) before the first step.")
+        return result
 
     @property
     def BUFFERS(self):  # noqa: N802 - the per-parameter state names, as in the base class

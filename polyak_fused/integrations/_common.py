@@ -8,12 +8,6 @@ import math
 import warnings
 
 from .._optimizer import PolyakFamilyOptimizer, unwrap
-from ..clipped_sgd import ClippedSGD
-from ..nsgdm import NSGDM
-
-#: Optimizers whose ``lr`` is a real learning rate. For every other optimizer of the package ``lr``
-#: multiplies a step size the method computes, so a schedule that decays it changes the method.
-LR_IS_A_LEARNING_RATE = (ClippedSGD, NSGDM)
 
 
 def require_optimizer(optimizer, where: str, fix: str) -> PolyakFamilyOptimizer:
@@ -30,7 +24,7 @@ def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, all
     if allowed:
         return
     name = type(optimizer).__name__
-    if isinstance(optimizer, LR_IS_A_LEARNING_RATE):
+    if not optimizer.LR_IS_A_MULTIPLIER:  # ClippedSGD, NSGDM: lr is a learning rate
         why = (f"{name} takes the gradient as it is (ClippedSGD clips with its own max_norm, NSGDM "
                f"normalises), and clipping it before the step changes the method")
     else:
@@ -44,7 +38,10 @@ def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, all
 def check_lr_schedule(optimizer: PolyakFamilyOptimizer, setting: str, fix: str,
                       allowed: bool) -> None:
     """Refuse a schedule that decays lr when lr multiplies a step the method computes."""
-    if allowed or isinstance(optimizer, LR_IS_A_LEARNING_RATE):
+    if allowed:  # the user's explicit choice: the step's own warning is not given either
+        optimizer._live.warned.add("lr_schedule")
+        return
+    if not optimizer.LR_IS_A_MULTIPLIER:
         return
     name = type(optimizer).__name__
     raise ValueError(

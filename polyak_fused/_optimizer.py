@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from itertools import chain, compress, repeat
@@ -160,6 +161,19 @@ def _in_current_format(state_dict: dict) -> dict:
     if first_id is not None:
         state[first_id] = {**state.get(first_id, {}), **scalars}
     return {**state_dict, "state": state, "param_groups": groups}
+
+
+_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)),
+              os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _caller_level() -> int:
+    """The stacklevel of warnings.warn that names the user's line (the first frame outside this
+    package and torch, whose optimizer wrappers sit between the user and step())."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _require_triton() -> None:
@@ -711,7 +725,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._live.warned:
             self._live.warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
+            warnings.warn(message, UserWarning, stacklevel=_caller_level())
 
     def _check_lr_schedule(self) -> None:
         """A torch.optim.lr_scheduler marks each group with "initial_lr". When a float lr falls

@@ -7,6 +7,8 @@ A subclass declares:
   BUFFERS         the names of its per-parameter state tensors;
   GLOBAL_HPARAMS  hyperparameters that define the one global step size, equal in every group;
   NEEDS_LOSS      whether step() must be given the loss;
+  HAS_FUSED       whether csrc_triton has its kernels (False: fused=True is refused at
+                  construction, and fused=None takes the eager reference on CUDA too);
 and implements `_initial_scalars()` and `_run(...)`, which calls its functional form.
 """
 
@@ -100,9 +102,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
-    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never."""
-    if fused is False:
+def use_fused_path(fused: bool | None, params: list[torch.Tensor], has_fused: bool = True) -> bool:
+    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never.
+    ``has_fused=False`` (a method without kernels yet, see HAS_FUSED): always the reference."""
+    if fused is False or not has_fused:
         return False
     on_cuda = all(p.is_cuda for p in params)
     fp64 = any(p.dtype == torch.float64 for p in params)
@@ -121,6 +124,11 @@ def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
             "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
             "CPU); got parameters on " + ", ".join(sorted({str(p.device) for p in params})))
     return True
+
+
+def fused_not_implemented(name: str) -> str:
+    """The error of fused=True for a method whose kernels are not written yet (HAS_FUSED)."""
+    return f"fused kernels for {name} are not implemented yet; use fused=False"
 
 
 def as_loss_tensor(loss, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -182,11 +190,14 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     BUFFERS: tuple[str, ...] = ()
     GLOBAL_HPARAMS: tuple[str, ...] = ()
     NEEDS_LOSS: bool = True
+    HAS_FUSED: bool = True
 
     def __init__(self, params, defaults: dict, *, fused: bool | None, process_group=None,
                  average_loss: bool = True):
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if fused and not self.HAS_FUSED:
+            raise NotImplementedError(fused_not_implemented(type(self).__name__))
         if "lr" in defaults:
             check_lr(defaults["lr"])
         self.fused = fused
@@ -460,7 +471,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 and cached[1] == params[0].device:
             return cached[1], cached[2], cached[3]
         device = self._device(params)
-        fused = use_fused_path(self.fused, params)
+        fused = use_fused_path(self.fused, params, self.HAS_FUSED)
         self._fused_cache["host_pass"] = csrc_host.implementation() if fused else None
         buffers = {name: [] for name in self.BUFFERS}
         for p in params if buffers else ():  # (no empty state entries, as in torch.optim)

@@ -9,11 +9,19 @@ import warnings
 
 from .._optimizer import PolyakFamilyOptimizer
 from ..clipped_sgd import ClippedSGD
+from ..momo import MoMo
+from ..momo_adam import MoMoAdam
 from ..nsgdm import NSGDM
 
 #: Optimizers whose ``lr`` is a real learning rate. For every other optimizer of the package ``lr``
 #: multiplies a step size the method computes, so a schedule that decays it changes the method.
 LR_IS_A_LEARNING_RATE = (ClippedSGD, NSGDM)
+
+#: Optimizers whose ``lr`` caps the step size the method computes (MoMo: tau = min(lr / rho, t)).
+#: A schedule on the cap is part of the method as its paper runs it (MoMo with the usual
+#: schedules), so schedules pass. Clipping does not: it shrinks the direction d and with it
+#: ||d||^2, so the Polyak part t grows, as for the other Polyak steps.
+LR_IS_A_CAP = (MoMo, MoMoAdam)
 
 
 def unwrap(optimizer):
@@ -44,6 +52,9 @@ def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, all
     if isinstance(optimizer, LR_IS_A_LEARNING_RATE):
         why = (f"{name} takes the gradient as it is (ClippedSGD clips with its own max_norm, NSGDM "
                f"normalises), and clipping it before the step changes the method")
+    elif isinstance(optimizer, LR_IS_A_CAP):
+        why = (f"{name} computes its step from its averaged gradient d, and clipping shrinks d, "
+               f"so the Polyak part of the step size grows (up to its cap)")
     else:
         why = (f"{name} computes its step from ||g||, and clipping shrinks ||g||, so the step "
                f"(f - l*)/||g||^2 grows (InexactPolyak clips by itself)")
@@ -54,8 +65,9 @@ def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, all
 
 def check_lr_schedule(optimizer: PolyakFamilyOptimizer, setting: str, fix: str,
                       allowed: bool) -> None:
-    """Refuse a schedule that decays lr when lr multiplies a step the method computes."""
-    if allowed or isinstance(optimizer, LR_IS_A_LEARNING_RATE):
+    """Refuse a schedule that decays lr when lr multiplies a step the method computes (not when
+    it is a learning rate, nor when it caps the step: LR_IS_A_CAP)."""
+    if allowed or isinstance(optimizer, LR_IS_A_LEARNING_RATE + LR_IS_A_CAP):
         return
     name = type(optimizer).__name__
     raise ValueError(

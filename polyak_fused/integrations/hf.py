@@ -26,8 +26,11 @@ changes the method: ``max_grad_norm > 0`` (Trainer's default is 1.0: the gradien
 before the step; ``allow_clipping=True`` keeps it), and, for the parameter-free optimizers, a
 schedule built by Trainer that decays ``lr`` (the default ``lr_scheduler_type="linear"`` takes the
 step multiplier from 1 to 0; ``"constant"`` and ``"constant_with_warmup"`` pass;
-``allow_lr_schedule=True`` keeps any). A scheduler you give yourself (``optimizers=(opt, sched)``)
-is your explicit choice and is not checked.
+``allow_lr_schedule=True`` keeps any). ClippedSGD and NSGDM (whose ``lr`` is a learning rate)
+and MoMo and MoMoAdam (whose ``lr`` caps the step size, tau = min(lr / rho, t), and which their
+paper runs with the usual schedules) take any schedule; clipping is refused for them too. A
+scheduler you give yourself (``optimizers=(opt, sched)``) is your explicit choice and is not
+checked.
 
 **total_steps.** An ``InexactPolyak`` built with ``total_steps=None`` gets ``state.max_steps``, the
 number of optimizer steps Trainer plans (batches / ``gradient_accumulation_steps``, times epochs,

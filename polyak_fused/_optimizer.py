@@ -296,7 +296,8 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         """The state the functional form of this method takes, initialised exactly as the class
         initialises it: ``{"scalars": the packed global state, <buffer>: [one tensor per
         parameter], ...}`` (the buffer lists: ``best`` for InexactPolyak with track_best,
-        ``x0`` for DoG, ``momentum_buffer`` for NSGDM and ClippedSGD with momentum). Takes the
+        ``x0`` for DoG, ``momentum_buffer`` for NSGDM and ClippedSGD with momentum,
+        ``grad_avg`` for MoMo, ``grad_avg`` and ``grad_avg_sq`` for MoMoAdam). Takes the
         class's own arguments; keep the state and pass it to every call."""
         opt = cls(params, fused=False, **kwargs)
         params = [p for g in opt.param_groups for p in g["params"]]

@@ -44,11 +44,11 @@ class MoMo(PolyakFamilyOptimizer):
 
     for k = 1, 2, ... (Schaipp, Ohana, Eickenberg, Defazio, Gower, "MoMo: Momentum Models for
     Adaptive Learning Rates", ICML 2024; the official code is momo-opt, class ``Momo``).
-    f̄_k + <d_k, x - x_k> - gamma_k + <d_k, x_k> is a model of the loss built from the averaged
-    losses and gradients; t_k is the Polyak step that brings that model down to rho_k lb, and
-    alpha caps it. With ``bias_correction=False``, rho_k = 1 and the averages start at the first
-    step's values (d = g_1, f̄ = f_1, gamma = <g_1, x_1>); with ``bias_correction=True``,
-    rho_k = 1 - beta^k and they start at 0.
+    m_k(x) = f̄_k + <d_k, x> - gamma_k is the average of the past linearisations
+    f_j + <g_j, x - x_j> of the loss, a model of it; t_k is the Polyak step that brings the model
+    down from m_k(x_k) to rho_k lb, and alpha / rho_k caps it. With ``bias_correction=False``,
+    rho_k = 1 and the averages start at the first step's values (d = g_1, f̄ = f_1,
+    gamma = <g_1, x_1>); with ``bias_correction=True``, rho_k = 1 - beta^k and they start at 0.
 
     Symbols: f_k = the step's loss; g_k its gradient; x_k the parameters; alpha = the group's
     ``lr``, the cap of the step size (not a multiplier on it); lambda = ``weight_decay``
@@ -58,7 +58,7 @@ class MoMo(PolyakFamilyOptimizer):
     = gamma_k, ``scalars["lb"]`` = the lower bound in use, ``scalars["step_size"]`` = tau_k of
     the first param group.
 
-    ``use_fstar=True`` estimates the lower bound online (the paper's MoMo*): with
+    ``use_fstar=True`` estimates the lower bound online (the paper's online estimate of f*): with
     h_k = f̄_k + <d_k, x_k> - gamma_k and w = 1 + alpha lambda, first a reset (when
     w f̄_k + <d_k, x_k> - w gamma_k < w rho_k lb_k, lb_k becomes that left side divided by
     2 w rho_k), then tau_k as above with lb_k, then lb_{k+1} = (h_k - tau_k ||d_k||^2 / 2) / rho_k;
@@ -108,10 +108,11 @@ class MoMo(PolyakFamilyOptimizer):
           non-finite values).
 
     .. warning::
-        lb must lower-bound every loss you pass, regularisation terms included: with a loss that
-        stays below rho_k lb the step is zero, and a loose lb far below the reachable loss leaves
-        the step at its cap alpha near a minimum (then alpha acts as a learning rate and a
-        decaying schedule is what makes the iterates settle). The loss and the gradient must be
+        lb must lower-bound every loss you pass, regularisation terms included: once the model
+        m_k(x_k) lies below rho_k lb the Polyak part t_k is 0 and the iterates stop moving
+        (but for the weight decay), and a loose lb far below the reachable loss leaves the step
+        at its cap alpha near a minimum (then alpha acts as a learning rate, and a decaying
+        schedule is what makes the iterates settle). The loss and the gradient must be
         those of the same function (``watch_loss`` keeps them consistent under accumulation and
         GradScaler).
 

@@ -109,11 +109,12 @@ class MoMoAdam(PolyakFamilyOptimizer):
     sums, as in momo-opt (whose gamma then also leaves out that parameter's past).
 
     .. warning::
-        lb must lower-bound every loss you pass, regularisation terms included: with a loss that
-        stays below rho_k lb the step is zero, and a loose lb far below the reachable loss leaves
-        the step at its cap alpha / rho_k (then alpha acts as Adam's learning rate). With
-        ``eps=0`` a coordinate whose gradient has always been 0 gives 0 / 0 in d / D: every step
-        is then skipped as non-finite.
+        lb must lower-bound every loss you pass, regularisation terms included: once the model
+        f̄_k + <d_k, x_k> - gamma_k lies below rho_k lb the Polyak part t_k is 0 and the
+        iterates stop moving (but for the weight decay), and a loose lb far below the reachable
+        loss leaves the step at its cap alpha / rho_k (then alpha acts as Adam's learning
+        rate). With ``eps=0`` a coordinate whose gradient has always been 0 gives 0 / 0 in
+        d / D: every step is then skipped as non-finite.
 
     Example:
         >>> _ = torch.manual_seed(0)

@@ -241,8 +241,8 @@ def test_opting_in_keeps_clipping_and_the_schedule(tmp_path):
 
 def test_trainer_builds_the_optimizer_and_weight_decay_is_reported(tmp_path):
     """optimizer_cls_and_kwargs: attach finds the optimizer the trainer built when training
-    begins; TrainingArguments.weight_decay, which Trainer puts in the param groups and only DoG
-    reads, is reported."""
+    begins; TrainingArguments.weight_decay, which Trainer puts in the param groups and only DoG,
+    MoMo and MoMoAdam read, is reported."""
     model = SampleMeanModel()
     trainer = make_trainer(tmp_path, model, None, sample_data(), batch=16, epochs=1,
                            weight_decay=0.01)

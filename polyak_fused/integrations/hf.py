@@ -126,7 +126,7 @@ class PolyakCallback(TrainerCallback):
 
 def _warn_ignored_weight_decay(opt) -> None:
     """Trainer's ``optimizer_cls_and_kwargs`` path puts ``weight_decay`` (``args.weight_decay``)
-    in the param groups; only DoG reads one."""
+    in the param groups; only DoG, MoMo and MoMoAdam read one."""
     if "weight_decay" in opt.defaults:
         return
     decays = sorted({g.get("weight_decay", 0.0) for g in opt.param_groups} - {0.0, None})

@@ -7,6 +7,7 @@ dtype (float64 if any parameter is float64, else float32).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,21 @@ def sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     """sum_i ||t_i||^2 over all tensors: the square of one global L2 norm."""
     parts = [up(t).square().sum().to(dtype) for t in tensors]
     return torch.stack(parts).sum()
+
+
+def inner(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """sum_i <a_i, b_i> over all tensors: one global inner product."""
+    parts = [(up(x) * up(y)).sum().to(dtype) for x, y in zip(a, b)]
+    return torch.stack(parts).sum()
+
+
+def one_minus_power(beta: float, k: torch.Tensor) -> torch.Tensor:
+    """1 - beta^k for a 0-d step count k (a bias correction), as -expm1(k log beta). In float32,
+    1 - 0.999^k written out is off by 1.3e-5 relative (beta itself rounds to float32); this form
+    by at most 7e-8 (measured for beta = 0.9, 0.999 and k = 1, 10, 1000)."""
+    if beta == 0.0:
+        return torch.ones_like(k)                         # 1 - 0^k = 1 for k >= 1
+    return -torch.expm1(k * math.log(beta))
 
 
 def is_finite(*scalars: torch.Tensor | None) -> torch.Tensor:

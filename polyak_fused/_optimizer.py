@@ -7,6 +7,8 @@ A subclass declares:
   BUFFERS         the names of its per-parameter state tensors;
   GLOBAL_HPARAMS  hyperparameters that define the one global step size, equal in every group;
   NEEDS_LOSS      whether step() must be given the loss;
+  HAS_FUSED       whether csrc_triton has its kernels (False: fused=True is refused at
+                  construction, and fused=None takes the eager reference on CUDA too);
 and implements `_initial_scalars()` and `_run(...)`, which calls its functional form.
 """
 
@@ -99,9 +101,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
-    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never."""
-    if fused is False:
+def use_fused_path(fused: bool | None, params: list[torch.Tensor], has_fused: bool = True) -> bool:
+    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never.
+    ``has_fused=False`` (a method without kernels yet, see HAS_FUSED): always the reference."""
+    if fused is False or not has_fused:
         return False
     on_cuda = all(p.is_cuda for p in params)
     fp64 = any(p.dtype == torch.float64 for p in params)
@@ -120,6 +123,11 @@ def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
             "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
             "CPU); got parameters on " + ", ".join(sorted({str(p.device) for p in params})))
     return True
+
+
+def fused_not_implemented(name: str) -> str:
+    """The error of fused=True for a method whose kernels are not written yet (HAS_FUSED)."""
+    return f"fused kernels for {name} are not implemented yet; use fused=False"
 
 
 def as_loss_tensor(loss, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -251,20 +259,25 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     BUFFERS: tuple[str, ...] = ()
     GLOBAL_HPARAMS: tuple[str, ...] = ()
     NEEDS_LOSS: bool = True
+    HAS_FUSED: bool = True
     #: Whether the method defines a quantity over the whole iterate (DoG's distances, the best
     #: iterate): then every parameter takes part in the step, with None for a missing gradient
     #: (not stepped, its buffers unchanged, still counted in those quantities: README,
     #: "Parameters without a gradient"). Otherwise only the parameters with a .grad take part.
     WHOLE_ITERATE: bool = False
-    #: Whether lr multiplies a step size the method computes (1.0 being the method), so that a
-    #: decaying schedule changes the method: warned in a plain loop (_check_lr_schedule) and
-    #: refused by the training-framework integrations. False where lr is a learning rate.
-    LR_IS_A_MULTIPLIER: bool = True
+    #: What lr is to the method: "multiplier" (it multiplies a step size the method computes,
+    #: 1.0 being the method, so a decaying schedule changes the method: warned in a plain loop,
+    #: _check_lr_schedule, and refused by the training-framework integrations), "learning_rate"
+    #: (ClippedSGD, NSGDM) or "cap" (MoMo: tau = min(lr / rho, t); a schedule on the cap is the
+    #: method as its paper runs it).
+    LR_ROLE: str = "multiplier"
 
     def __init__(self, params, defaults: dict, *, fused: bool | None, process_group=None,
                  average_loss: bool = True):
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+        if fused and not self.HAS_FUSED:
+            raise NotImplementedError(fused_not_implemented(type(self).__name__))
         if fused is True:
             _require_triton()
         if "lr" in defaults:
@@ -365,7 +378,8 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         """The state the functional form of this method takes, initialised exactly as the class
         initialises it: ``{"scalars": the packed global state, <buffer>: [one tensor per
         parameter], ...}`` (the buffer lists: ``best`` for InexactPolyak with track_best,
-        ``x0`` for DoG, ``momentum_buffer`` for NSGDM and ClippedSGD with momentum). Takes the
+        ``x0`` for DoG, ``momentum_buffer`` for NSGDM and ClippedSGD with momentum,
+        ``grad_avg`` for MoMo, ``grad_avg`` and ``grad_avg_sq`` for MoMoAdam). Takes the
         class's own arguments; keep the state and pass it to every call."""
         opt = cls(params, fused=False, **kwargs)
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -553,7 +567,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 and cached[1] == params[0].device:
             return cached[1], cached[2], cached[3]
         device = self._device(params)
-        fused = use_fused_path(self.fused, params)
+        fused = use_fused_path(self.fused, params, self.HAS_FUSED)
         self._fused_cache["host_pass"] = _host_pass.implementation() if fused else None
         buffers = {name: [] for name in self.BUFFERS}
         for p in params if buffers else ():  # (no empty state entries, as in torch.optim)
@@ -709,7 +723,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
         self._live.calls += 1
         self._live.last_loss = loss_t
-        if self.LR_IS_A_MULTIPLIER:
+        if self.LR_ROLE == "multiplier":
             self._check_lr_schedule()
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
             self._run(params, grads, buffers, lrs, loss_t, fused, amp)

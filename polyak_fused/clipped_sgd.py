@@ -50,7 +50,7 @@ class ClippedSGD(PolyakFamilyOptimizer):
     SCALARS = SCALARS
     GLOBAL_HPARAMS = ("max_norm", "momentum")
     NEEDS_LOSS = False
-    LR_IS_A_MULTIPLIER = False  # lr is a learning rate: schedules are the user's to choose
+    LR_ROLE = "learning_rate"  # schedules are the user's to choose
 
     def __init__(self, params, lr, max_norm: float = math.inf, momentum: float = 0.0, *,
                  fused: bool | None = None,

@@ -48,7 +48,7 @@ class NSGDM(PolyakFamilyOptimizer):
     BUFFERS = ("momentum_buffer",)
     GLOBAL_HPARAMS = ("beta", "schedule")
     NEEDS_LOSS = False
-    LR_IS_A_MULTIPLIER = False  # lr is a learning rate: schedules are the user's to choose
+    LR_ROLE = "learning_rate"  # schedules are the user's to choose
 
     def __init__(self, params, lr, beta: float = 0.9, schedule: str = "constant", *,
                  fused: bool | None = None,

@@ -105,6 +105,16 @@ OPTIMIZERS = [
                                                      fused=False)),
     ("nsgdm", lambda p: pf.NSGDM(p, lr=0.01, fused=False)),
     ("nsgdm_agnostic", lambda p: pf.NSGDM(p, lr=0.05, schedule="agnostic", fused=False)),
+    ("momo", lambda p: pf.MoMo(p, fused=False)),
+    ("momo_bc_wd_fstar", lambda p: pf.MoMo(p, lr=0.5, weight_decay=1e-2, lb=0.01,
+                                           bias_correction=True, use_fstar=True, fused=False)),
+    ("momo_adam", lambda p: pf.MoMoAdam(p, fused=False)),
+    ("momo_adam_adamw_fstar", lambda p: pf.MoMoAdam(p, lr=0.05, weight_decay=1e-2, divide=False,
+                                                    use_fstar=True, fused=False)),
 ]
+#: The configurations with weight decay: their step moves x even along a zero direction.
+WEIGHT_DECAY_IDS = {"dog_wd", "momo_bc_wd_fstar", "momo_adam_adamw_fstar"}
+#: The configurations whose lr caps the step size rather than multiplying it (MoMo's alpha).
+LR_IS_A_CAP_IDS = {"momo", "momo_bc_wd_fstar", "momo_adam", "momo_adam_adamw_fstar"}
 OPTIMIZER_IDS = [name for name, _ in OPTIMIZERS]
 OPTIMIZER_FACTORIES = [factory for _, factory in OPTIMIZERS]

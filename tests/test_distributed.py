@@ -39,6 +39,9 @@ OPTIMIZERS = {
     "AdaSPS": lambda ps, **kw: pf.AdaSPS(ps, **kw),
     # reps_rel=1e-2: with the default 1e-6 the first STEPS steps move the parameters by ~1e-5
     "DoG": lambda ps, **kw: pf.DoG(ps, reps_rel=1e-2, **kw),
+    # three global sums (<g, x>, <d, x>, ||d||^2 or sum d^2 / D) over the shards
+    "MoMo": lambda ps, **kw: pf.MoMo(ps, weight_decay=0.01, use_fstar=True, **kw),
+    "MoMoAdam": lambda ps, **kw: pf.MoMoAdam(ps, lr=0.1, weight_decay=0.01, **kw),
 }
 ALL_CLASSES = {
     "InexactPolyak": lambda ps, **kw: pf.InexactPolyak(ps, total_steps=STEPS, **kw),
@@ -48,6 +51,8 @@ ALL_CLASSES = {
     "DoG": lambda ps, **kw: pf.DoG(ps, **kw),
     "ClippedSGD": lambda ps, **kw: pf.ClippedSGD(ps, lr=0.1, max_norm=1.0, momentum=0.9, **kw),
     "NSGDM": lambda ps, **kw: pf.NSGDM(ps, lr=0.1, **kw),
+    "MoMo": lambda ps, **kw: pf.MoMo(ps, **kw),
+    "MoMoAdam": lambda ps, **kw: pf.MoMoAdam(ps, **kw),
 }
 
 

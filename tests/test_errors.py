@@ -27,6 +27,8 @@ REQUIRED = {
     pf.DoG: {},
     pf.ClippedSGD: dict(lr=0.1),
     pf.NSGDM: dict(lr=0.1),
+    pf.MoMo: {},
+    pf.MoMoAdam: {},
 }
 ALL = list(REQUIRED)
 
@@ -106,6 +108,36 @@ CONSTRUCTOR_CASES = [
     ctor_case(pf.NSGDM, "beta", -0.1),
     ctor_case(pf.NSGDM, "beta", NAN),
     ctor_case(pf.NSGDM, "schedule", "foo"),
+    # MoMo
+    ctor_case(pf.MoMo, "weight_decay", -0.1),
+    ctor_case(pf.MoMo, "weight_decay", NAN),
+    ctor_case(pf.MoMo, "weight_decay", INF),
+    ctor_case(pf.MoMo, "beta", 1.0),
+    ctor_case(pf.MoMo, "beta", -0.1),
+    ctor_case(pf.MoMo, "beta", NAN),
+    ctor_case(pf.MoMo, "lb", NAN),
+    ctor_case(pf.MoMo, "lb", -INF),
+    ctor_case(pf.MoMo, "lb", "0", pattern=r"Invalid lb: '0'"),
+    ctor_case(pf.MoMo, "bias_correction", 1, pattern=r"Invalid bias_correction: 1"),
+    ctor_case(pf.MoMo, "use_fstar", "yes", pattern=r"Invalid use_fstar: 'yes'"),
+    # MoMoAdam
+    ctor_case(pf.MoMoAdam, "betas", (0.9, 1.0), pattern=r"Invalid betas: \(0\.9, 1\.0\)"),
+    ctor_case(pf.MoMoAdam, "betas", (-0.1, 0.999), pattern=r"Invalid betas: \(-0\.1, 0\.999\)"),
+    ctor_case(pf.MoMoAdam, "betas", (0.9, NAN), pattern=r"Invalid betas: \(0\.9, nan\)"),
+    ctor_case(pf.MoMoAdam, "betas", (0.9,), pattern=r"Invalid betas: \(0\.9,\)"),
+    ctor_case(pf.MoMoAdam, "betas", 0.9, pattern=r"Invalid betas: 0\.9"),
+    ctor_case(pf.MoMoAdam, "eps", -1e-8),
+    ctor_case(pf.MoMoAdam, "eps", NAN),
+    ctor_case(pf.MoMoAdam, "eps", INF),
+    ctor_case(pf.MoMoAdam, "weight_decay", -0.1),
+    ctor_case(pf.MoMoAdam, "weight_decay", NAN),
+    ctor_case(pf.MoMoAdam, "lb", INF),
+    ctor_case(pf.MoMoAdam, "divide", None, pattern=r"Invalid divide: None"),
+    ctor_case(pf.MoMoAdam, "use_fstar", 0, pattern=r"Invalid use_fstar: 0"),
+    # fused kernels for MoMo: not yet
+    *[ctor_case(cls, "fused", True, error=NotImplementedError,
+                pattern=rf"fused kernels for {cls.__name__} are not implemented yet; use "
+                        rf"fused=False") for cls in (pf.MoMo, pf.MoMoAdam)],
     # every class: fused must be None/True/False, lr must be a non-negative finite number
     *[ctor_case(cls, "fused", "yes") for cls in ALL],
     *[ctor_case(cls, "fused", 0.5) for cls in ALL],
@@ -137,6 +169,10 @@ def test_constructor_accepts_the_documented_edges(cls):
         pf.DoG: [dict(reps_rel=1e-12, weight_decay=0.0)],
         pf.ClippedSGD: [dict(lr=0.0, max_norm=INF, momentum=0.0), dict(lr=1.0, momentum=0.999)],
         pf.NSGDM: [dict(lr=0.0, beta=0.0), dict(lr=1.0, beta=0.999, schedule="agnostic")],
+        pf.MoMo: [dict(lr=0.0, beta=0.0, weight_decay=0.0, lb=-5.0),
+                  dict(beta=0.999, bias_correction=True, use_fstar=True)],
+        pf.MoMoAdam: [dict(lr=0.0, betas=(0.0, 0.0), eps=0.0, lb=-5.0),
+                      dict(betas=[0.5, 0.999], divide=False, use_fstar=True)],
     }[cls]
     for kwargs in edges:
         cls(new_params(), **{**REQUIRED[cls], **kwargs, "fused": False})
@@ -156,6 +192,16 @@ GROUP_CASES = [
     (pf.ClippedSGD, dict(lr=0.1), {"max_norm": 1.0}, r"Invalid max_norm: 1.0"),
     (pf.ClippedSGD, dict(lr=0.1), {"momentum": 0.5}, r"Invalid momentum: 0.5"),
     (pf.NSGDM, dict(lr=0.1), {"schedule": "agnostic"}, r"Invalid schedule: 'agnostic'"),
+    (pf.MoMo, {}, {"weight_decay": 0.1}, r"Invalid weight_decay: 0.1"),
+    (pf.MoMo, {}, {"beta": 0.5}, r"Invalid beta: 0.5"),
+    (pf.MoMo, {}, {"lb": 1.0}, r"Invalid lb: 1.0"),
+    (pf.MoMo, {}, {"bias_correction": True}, r"Invalid bias_correction: True"),
+    (pf.MoMo, {}, {"use_fstar": True}, r"Invalid use_fstar: True"),
+    (pf.MoMoAdam, {}, {"betas": (0.8, 0.999)}, r"Invalid betas: \(0.8, 0.999\)"),
+    (pf.MoMoAdam, {}, {"eps": 1e-6}, r"Invalid eps: 1e-06"),
+    (pf.MoMoAdam, {}, {"weight_decay": 0.1}, r"Invalid weight_decay: 0.1"),
+    (pf.MoMoAdam, {}, {"divide": False}, r"Invalid divide: False"),
+    (pf.MoMoAdam, {}, {"lr": -1.0}, r"Invalid lr: -1.0"),
     # a group's own lr is validated
     (pf.InexactPolyak, dict(total_steps=10), {"lr": -1.0}, r"Invalid lr: -1.0"),
     (pf.Polyak, {}, {"lr": NAN}, r"Invalid lr: nan"),
@@ -207,8 +253,8 @@ def sparse_grad(params):
 
 STEP_CASES = [
     # (id, classes, prepare grads, step kwargs, error, regex)
-    ("no_loss", [pf.InexactPolyak, pf.Polyak, pf.DecSPS, pf.AdaSPS], set_good_grads, {},
-     ValueError, r"loss"),
+    ("no_loss", [pf.InexactPolyak, pf.Polyak, pf.DecSPS, pf.AdaSPS, pf.MoMo, pf.MoMoAdam],
+     set_good_grads, {}, ValueError, r"loss"),
     ("loss_shape_3", ALL, set_good_grads, dict(loss=torch.ones(3)), ValueError,
      r"Invalid loss: .*shape \(3,\)"),
     ("loss_shape_0", ALL, set_good_grads, dict(loss=torch.ones(0)), ValueError, r"Invalid loss"),
@@ -228,6 +274,8 @@ def optimizer_for(cls):
     extra = dict(track_best=True) if cls is pf.InexactPolyak else {}
     if cls is pf.ClippedSGD:
         extra = dict(momentum=0.9)
+    if cls in (pf.MoMo, pf.MoMoAdam):
+        extra = dict(weight_decay=0.01, use_fstar=True)
     return extra
 
 

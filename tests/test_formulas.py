@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import polyak_fused as pf
-from eager_helpers import (OPTIMIZER_FACTORIES, OPTIMIZER_IDS, assert_bitwise_equal,
-                     assert_same_snapshot, snapshot)
+from eager_helpers import (LR_IS_A_CAP_IDS, OPTIMIZER_FACTORIES, OPTIMIZER_IDS,
+                           WEIGHT_DECAY_IDS, assert_bitwise_equal, assert_same_snapshot, snapshot)
 
 F64 = torch.float64
 TOL = dict(rtol=1e-13, atol=1e-15)
@@ -302,8 +302,94 @@ def test_nsgdm_three_steps(schedule):
         assert step_len == pytest.approx(lr * s_t, rel=1e-12)
 
 
+
+# ---- MoMo / MoMo-Adam ----------------------------------------------------------------------------
+def dot(a, b):
+    """<a, b> over a list of flat vectors, in plain Python."""
+    return sum(ai * bi for av, bv in zip(a, b) for ai, bi in zip(av, bv))
+
+
+@pytest.mark.parametrize("bias_correction, lr", [(False, 0.3), (True, 0.5)])
+def test_momo_three_steps_with_weight_decay(bias_correction, lr):
+    """(The lrs are chosen so that both branches of tau = min(lr / rho, t) are taken.)"""
+    beta, wd, lb = 0.8, 0.1, 0.25
+    capped = []
+    params = make_params()
+    opt = pf.MoMo(params, lr=lr, weight_decay=wd, beta=beta, lb=lb,
+                  bias_correction=bias_correction, fused=False)
+    x = X0
+    for k, (g, f) in enumerate(((G1, 3.0), (G2, 1.5), (G3, 0.75)), start=1):
+        set_grads(params, g)
+        opt.step(loss=f)
+        if k == 1:   # the averages start at 0, or (without bias correction) at the first values
+            d, f_avg, gamma = ([[0.0] * len(v) for v in g], 0.0, 0.0) if bias_correction else \
+                (g, f, dot(g, x))
+        d = [[beta * di + (1 - beta) * gi for di, gi in zip(dv, gv)] for dv, gv in zip(d, g)]
+        f_avg = beta * f_avg + (1 - beta) * f
+        gamma = beta * gamma + (1 - beta) * dot(g, x)
+        rho = 1 - beta ** k if bias_correction else 1.0
+        w = 1 + lr * wd
+        t = max(w * (f_avg - rho * lb) + dot(d, x) - w * gamma, 0.0) / sq(d)
+        tau = min(lr / rho, t)
+        capped.append(tau == lr / rho)
+        x = [[xi / w for xi in xv] for xv in axpy(x, tau, d)]
+        check_params(params, x)
+        check_scalar(opt, "step_size", tau)
+        check_scalar(opt, "loss_avg", f_avg)
+        check_scalar(opt, "grad_dot_w", gamma)
+        for p, dv in zip(params, d):
+            torch.testing.assert_close(opt.state[p]["grad_avg"].reshape(-1),
+                                       torch.tensor(dv, dtype=F64), **TOL)
+    assert set(capped) == {True, False}, capped
+
+
+@pytest.mark.parametrize("lr, capped", [(0.05, True), (2.0, False)])
+@pytest.mark.parametrize("divide", [True, False])
+def test_momo_adam_two_steps_with_weight_decay(divide, lr, capped):
+    (b1, b2), eps, wd = (0.8, 0.9), 1e-3, 0.1
+    params = make_params()
+    opt = pf.MoMoAdam(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, divide=divide,
+                      fused=False)
+    x = X0
+    d = [[0.0] * len(v) for v in X0]
+    v = [[0.0] * len(v) for v in X0]
+    f_avg = gamma = 0.0
+    for k, (g, f) in enumerate(((G1, 3.0), (G2, 1.5)), start=1):
+        set_grads(params, g)
+        opt.step(loss=f)
+        d = [[b1 * di + (1 - b1) * gi for di, gi in zip(dv, gv)] for dv, gv in zip(d, g)]
+        v = [[b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(vv, gv)] for vv, gv in zip(v, g)]
+        D = [[math.sqrt(vi / (1 - b2 ** k)) + eps for vi in vv] for vv in v]
+        f_avg = b1 * f_avg + (1 - b1) * f
+        gamma = b1 * gamma + (1 - b1) * dot(g, x)
+        rho = 1 - b1 ** k
+        w = 1 + lr * wd
+        weighted = sum(di * di / Di for dv, Dv in zip(d, D) for di, Di in zip(dv, Dv))
+        tau = min(lr / rho, max(w * f_avg + dot(d, x) - w * gamma, 0.0) / weighted)   # lb = 0
+        step = [[di / Di for di, Di in zip(dv, Dv)] for dv, Dv in zip(d, D)]
+        if divide:
+            x = [[xi / w for xi in xv] for xv in axpy(x, tau, step)]
+        else:
+            x = axpy([[xi * (1 - lr * wd) for xi in xv] for xv in x], tau, step)
+        check_params(params, x)
+        check_scalar(opt, "step_size", tau)
+        for p, dv, vv in zip(params, d, v):
+            torch.testing.assert_close(opt.state[p]["grad_avg"].reshape(-1),
+                                       torch.tensor(dv, dtype=F64), **TOL)
+            torch.testing.assert_close(opt.state[p]["grad_avg_sq"].reshape(-1),
+                                       torch.tensor(vv, dtype=F64), **TOL)
+    assert (tau == pytest.approx(lr / rho, rel=1e-14)) == capped, (tau, lr / rho)
+
 # ---- one global norm for every method ------------------------------------------------------------
-@pytest.mark.parametrize("factory", OPTIMIZER_FACTORIES, ids=OPTIMIZER_IDS)
+# (MoMo's lr is not a multiplier but the cap of tau = min(lr / rho, t): a group with a quarter of
+# the lr moves a quarter as far only when capped. tests/test_momo.py checks its param groups
+# against momo-opt's per-group tau.)
+LR_MULTIPLIES = [(i, f) for i, f in zip(OPTIMIZER_IDS, OPTIMIZER_FACTORIES)
+                 if i not in LR_IS_A_CAP_IDS]
+
+
+@pytest.mark.parametrize("factory", [f for _, f in LR_MULTIPLIES],
+                         ids=[i for i, _ in LR_MULTIPLIES])
 def test_param_groups_share_one_global_norm(factory):
     """One step with groups lr (1, 0.25) moves group 0 exactly as the one-group run and group 1
     exactly a quarter as far: the step size is one global quantity, lr only scales it."""
@@ -328,13 +414,15 @@ def test_param_groups_share_one_global_norm(factory):
 
 
 # ---- guards --------------------------------------------------------------------------------------
-NO_WEIGHT_DECAY = [(i, f) for i, f in zip(OPTIMIZER_IDS, OPTIMIZER_FACTORIES) if i != "dog_wd"]
+NO_WEIGHT_DECAY = [(i, f) for i, f in zip(OPTIMIZER_IDS, OPTIMIZER_FACTORIES)
+                   if i not in WEIGHT_DECAY_IDS]
 
 
 @pytest.mark.parametrize("factory", [f for _, f in NO_WEIGHT_DECAY],
                          ids=[i for i, _ in NO_WEIGHT_DECAY])
 def test_exactly_zero_gradient_gives_zero_step(factory):
-    """(With coupled weight decay the direction g + lambda x is not zero, so dog_wd is left out.)"""
+    """(With weight decay the parameters move anyway: DoG's direction g + lambda x is not zero,
+    MoMo's proximal step divides x by 1 + lr lambda; those configurations are left out.)"""
     params = make_params()
     opt = factory(params)
     set_grads(params, [[0.0] * len(v) for v in X0])
@@ -350,6 +438,9 @@ def test_exactly_zero_gradient_gives_zero_step(factory):
         assert opt.scalars["step_size"].item() == math.inf
     if isinstance(opt, pf.DoG):      # eta = r_eps / sqrt(1e-8) is finite; it multiplies d = 0
         assert math.isfinite(opt.scalars["step_size"].item())
+    if isinstance(opt, (pf.MoMo, pf.MoMoAdam)):   # t = +inf: tau is the cap lr / rho; d = 0
+        rho = 1 - 0.9 if isinstance(opt, pf.MoMoAdam) else 1.0
+        assert opt.scalars["step_size"].item() == pytest.approx(opt.defaults["lr"] / rho)
     # the next, ordinary step is a finite, real step
     set_grads(params, G1)
     opt.step(loss=1.5)

@@ -241,8 +241,8 @@ def test_opting_in_keeps_clipping_and_the_schedule(tmp_path):
 
 def test_trainer_builds_the_optimizer_and_weight_decay_is_reported(tmp_path):
     """optimizer_cls_and_kwargs: attach finds the optimizer the trainer built when training
-    begins; TrainingArguments.weight_decay, which Trainer puts in the param groups and only DoG
-    reads, is reported."""
+    begins; TrainingArguments.weight_decay, which Trainer puts in the param groups and only DoG,
+    MoMo and MoMoAdam read, is reported."""
     model = SampleMeanModel()
     trainer = make_trainer(tmp_path, model, None, sample_data(), batch=16, epochs=1,
                            weight_decay=0.01)
@@ -281,3 +281,31 @@ def test_misuse_is_reported(tmp_path):
     with pytest.raises(TypeError, match=r"without attach\(\).*hf\.attach\(trainer\)"):
         trainer.train()
 
+
+
+@pytest.mark.parametrize("cls", [pf.MoMo, pf.MoMoAdam], ids=lambda c: c.__name__)
+def test_momo_takes_a_decaying_schedule_and_refuses_clipping(tmp_path, cls):
+    """MoMo's lr caps its step size (tau = min(lr / rho, t)); its paper runs it with the usual
+    schedules, so Trainer's default linear decay is accepted. Trainer's default clipping is
+    refused: it shrinks d and lengthens the Polyak part t."""
+    model = SampleMeanModel()
+    opt = cls(model.parameters(), lr=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, model, opt, sample_data(), batch=16, epochs=1,
+                           max_grad_norm=1.0, lr_scheduler_type="linear")   # Trainer's defaults
+    hf.attach(trainer)
+    with pytest.raises(ValueError, match=rf"max_grad_norm=1\.0.*{cls.__name__} computes its step "
+                                         r"from its averaged gradient d.*Set TrainingArguments\("
+                                         r"max_grad_norm=0\), or pass allow_clipping=True"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    lrs = []
+    trainer = make_trainer(tmp_path, model, opt, sample_data(), batch=16, epochs=1,
+                           lr_scheduler_type="linear")
+    hf.attach(trainer)
+    opt.register_step_pre_hook(lambda o, *a: lrs.append(o.param_groups[0]["lr"]))
+    trainer.train()
+    assert int(opt.scalars["step"]) == 4 and int(opt.scalars["skipped"]) == 0
+    assert lrs == [0.5, 0.375, 0.25, 0.125], lrs   # the linear schedule: the cap decays
+    assert opt.param_groups[0]["lr"] == 0.0

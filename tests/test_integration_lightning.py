@@ -249,3 +249,34 @@ def test_manual_optimization_through_the_wrapper_shares_the_optimizers_state(who
     _, opt = fit(manual, 16, callbacks=callbacks)
     assert int(opt.scalars["step"]) == 8
     assert_same_params(manual, automatic, rtol=0, atol=0, what=f"manual ({who_watches})")
+
+
+class ScheduledRegression(Regression):
+    """configure_optimizers returns the optimizer and a schedule that decays lr every step."""
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer(self.parameters())
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.25,
+                                                  total_iters=4)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("cls", [pf.MoMo, pf.MoMoAdam], ids=lambda c: c.__name__)
+def test_momo_takes_a_schedule_and_refuses_clipping(cls):
+    """MoMo's lr caps its step size: a decaying schedule runs (its lr follows the schedule);
+    gradient clipping is refused, as for the other Polyak steps."""
+    def make(params):
+        return cls(params, lr=0.5)
+
+    module = ScheduledRegression(make_optimizer=make)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=rf"gradient_clip_val=0\.5.*{cls.__name__} computes its "
+                                         r"step from its averaged gradient d"):
+        fit(module, 16, gradient_clip_val=0.5)
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+    module = ScheduledRegression(make_optimizer=make)
+    _, opt = fit(module, 16, epochs=1, callbacks=[PolyakCallback()])
+    assert int(opt.scalars["step"]) == 4 and int(opt.scalars["skipped"]) == 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.125)   # 0.5 * 0.25 after 4 steps
+    assert all(not torch.equal(p, b) for p, b in zip(module.parameters(), before))

@@ -106,12 +106,12 @@ def test_set_total_steps_rejects_bad_values(bad):
 # ---- OneCycleLR ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, make", OPTIMIZERS, ids=[name for name, _ in OPTIMIZERS])
 def test_one_cycle_lr_runs_with_cycle_momentum_false(name, make):
-    """OneCycleLR's default cycles momentum, which only ClippedSGD has: the others fail with
-    torch's message, and cycle_momentum=False (what the README says) makes them run, with the
-    schedule's lr in every group."""
+    """OneCycleLR's default cycles momentum (or Adam's beta1), which only ClippedSGD (and
+    MoMoAdam's betas) have: the others fail with torch's message, and cycle_momentum=False (what
+    the README says) makes them run, with the schedule's lr in every group."""
     params, loss_fn = quadratic_problem()
     opt = make(params)
-    if "momentum" not in opt.defaults:
+    if "momentum" not in opt.defaults and "betas" not in opt.defaults:
         with pytest.raises(ValueError, match=r"momentum or beta1 with `cycle_momentum`"):
             torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=6)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=6,

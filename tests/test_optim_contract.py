@@ -71,6 +71,8 @@ OTHER_GLOBAL = {
     pf.DoG: ("weight_decay", 0.1),
     pf.ClippedSGD: ("max_norm", 1.0),
     pf.NSGDM: ("schedule", "agnostic"),
+    pf.MoMo: ("beta", 0.5),
+    pf.MoMoAdam: ("betas", (0.8, 0.99)),
 }
 # Every global hyperparameter of each class at a valid non-default value (item 7).
 ALL_GLOBALS = {
@@ -81,8 +83,15 @@ ALL_GLOBALS = {
     pf.DoG: dict(reps_rel=1e-3, weight_decay=0.01),
     pf.ClippedSGD: dict(max_norm=0.5, momentum=0.9),
     pf.NSGDM: dict(beta=0.5, schedule="agnostic"),
+    pf.MoMo: dict(weight_decay=0.01, beta=0.5, lb=0.01, bias_correction=True, use_fstar=True),
+    pf.MoMoAdam: dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, lb=0.01, divide=False,
+                      use_fstar=True),
 }
 class_ids = pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+# The tests of fused=True run on the classes that have kernels (fused kernels for MoMo: not yet;
+# test_fused_true_without_kernels_fails_at_construction checks what MoMo says instead).
+FUSED_CLASSES = [cls for cls in CLASSES if cls.HAS_FUSED]
+fused_class_ids = pytest.mark.parametrize("cls", FUSED_CLASSES, ids=lambda c: c.__name__)
 configs = pytest.mark.parametrize("factory", OPTIMIZER_FACTORIES, ids=OPTIMIZER_IDS)
 
 
@@ -419,14 +428,14 @@ def test_a_group_added_after_loading_takes_the_loaded_global_value():
 
 
 # ---- item 8: errors at construction --------------------------------------------------------------
-@class_ids
+@fused_class_ids
 def test_fused_true_without_a_device_for_the_kernels_fails_at_construction(cls, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match=r"fused=True needs CUDA tensors.*TRITON_INTERPRET=1"):
         cls(make_model().parameters(), **REQUIRED[cls], fused=True)
 
 
-@class_ids
+@fused_class_ids
 def test_a_group_the_kernels_cannot_run_on_is_refused_before_it_is_added(cls, monkeypatch):
     w = list(make_model().parameters())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -437,7 +446,21 @@ def test_a_group_the_kernels_cannot_run_on_is_refused_before_it_is_added(cls, mo
     assert len(opt.param_groups) == 1
 
 
-@class_ids
+@pytest.mark.parametrize("cls", [cls for cls in CLASSES if not cls.HAS_FUSED],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("where", ["cpu", "meta"])
+def test_fused_true_without_kernels_fails_at_construction(cls, where, monkeypatch):
+    """MoMo and MoMoAdam have no kernels yet: fused=True is refused when the optimizer is
+    built, whatever the parameters, with the way out named; nothing is built."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")       # (where the kernels could otherwise run)
+    with torch.device(where):
+        model = make_model()
+    with pytest.raises(NotImplementedError, match=rf"fused kernels for {cls.__name__} are not "
+                                                  rf"implemented yet; use fused=False"):
+        cls(model.parameters(), **REQUIRED[cls], fused=True)
+
+
+@fused_class_ids
 def test_fused_true_on_meta_parameters_gets_the_librarys_message(cls):
     """Meta parameters may still be materialised in place (model.to_empty) before the first
     step, so the optimizer is built; a step on parameters that are still meta is refused by the

@@ -24,9 +24,12 @@ def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, all
     if allowed:
         return
     name = type(optimizer).__name__
-    if not optimizer.LR_IS_A_MULTIPLIER:  # ClippedSGD, NSGDM: lr is a learning rate
+    if optimizer.LR_ROLE == "learning_rate":  # ClippedSGD, NSGDM
         why = (f"{name} takes the gradient as it is (ClippedSGD clips with its own max_norm, NSGDM "
                f"normalises), and clipping it before the step changes the method")
+    elif optimizer.LR_ROLE == "cap":  # MoMo, MoMoAdam
+        why = (f"{name} computes its step from its averaged gradient d, and clipping shrinks d, "
+               f"so the Polyak part of the step size grows (up to its cap)")
     else:
         why = (f"{name} computes its step from ||g||, and clipping shrinks ||g||, so the step "
                f"(f - l*)/||g||^2 grows (InexactPolyak clips by itself)")
@@ -37,11 +40,13 @@ def check_clipping(optimizer: PolyakFamilyOptimizer, setting: str, fix: str, all
 
 def check_lr_schedule(optimizer: PolyakFamilyOptimizer, setting: str, fix: str,
                       allowed: bool) -> None:
-    """Refuse a schedule that decays lr when lr multiplies a step the method computes."""
+    """Refuse a schedule that decays lr when lr multiplies a step the method computes (not when
+    it is a learning rate, nor when it caps the step: MoMo's LR_ROLE "cap", whose paper runs it
+    with the usual schedules; clipping still shrinks its direction d, and is refused)."""
     if allowed:  # the user's explicit choice: the step's own warning is not given either
         optimizer._live.warned.add("lr_schedule")
         return
-    if not optimizer.LR_IS_A_MULTIPLIER:
+    if optimizer.LR_ROLE != "multiplier":
         return
     name = type(optimizer).__name__
     raise ValueError(

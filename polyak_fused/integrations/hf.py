@@ -26,8 +26,11 @@ changes the method: ``max_grad_norm > 0`` (Trainer's default is 1.0: the gradien
 before the step; ``allow_clipping=True`` keeps it), and, for the parameter-free optimizers, a
 schedule built by Trainer that decays ``lr`` (the default ``lr_scheduler_type="linear"`` takes the
 step multiplier from 1 to 0; ``"constant"`` and ``"constant_with_warmup"`` pass;
-``allow_lr_schedule=True`` keeps any). A scheduler you give yourself (``optimizers=(opt, sched)``)
-is your explicit choice and is not checked.
+``allow_lr_schedule=True`` keeps any). ClippedSGD and NSGDM (whose ``lr`` is a learning rate)
+and MoMo and MoMoAdam (whose ``lr`` caps the step size, tau = min(lr / rho, t), and which their
+paper runs with the usual schedules) take any schedule; clipping is refused for them too. A
+scheduler you give yourself (``optimizers=(opt, sched)``) is your explicit choice and is not
+checked.
 
 **total_steps.** An ``InexactPolyak`` built with ``total_steps=None`` gets ``state.max_steps``, the
 number of optimizer steps Trainer plans (batches / ``gradient_accumulation_steps``, times epochs,
@@ -123,7 +126,7 @@ class PolyakCallback(TrainerCallback):
 
 def _warn_ignored_weight_decay(opt) -> None:
     """Trainer's ``optimizer_cls_and_kwargs`` path puts ``weight_decay`` (``args.weight_decay``)
-    in the param groups; only DoG reads one."""
+    in the param groups; only DoG, MoMo and MoMoAdam read one."""
     if "weight_decay" in opt.defaults:
         return
     decays = sorted({g.get("weight_decay", 0.0) for g in opt.param_groups} - {0.0, None})

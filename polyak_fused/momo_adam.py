@@ -1,0 +1,244 @@
+"""MoMo-Adam (Schaipp, Ohana, Eickenberg, Defazio, Gower, ICML 2024): MoMo's Polyak step on the
+Adam direction. Class, functional form, eager reference."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _eager as E
+from ._optimizer import (COMMON_SCALARS, PolyakFamilyOptimizer, check_number,
+                         fused_not_implemented)
+from .momo import (as_math, as_scalar, check_flag, per_lr, reset_lower_bound, step_size,
+                   update_lower_bound)
+
+__all__ = ["MoMoAdam", "momo_adam"]
+
+SCALARS = ("step_size", "loss_avg", "grad_dot_w", "lb")
+
+
+def _check_betas(betas) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    for b in betas:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid betas: {tuple(betas)!r} (each must be a number in [0, 1))")
+    return float(betas[0]), float(betas[1])
+
+
+class MoMoAdam(PolyakFamilyOptimizer):
+    r"""MoMo-Adam: MoMo's Polyak step size on the Adam direction, capped by ``lr``.
+
+    .. math::
+        d_k = \beta_1 d_{k-1} + (1-\beta_1) g_k,\qquad
+        v_k = \beta_2 v_{k-1} + (1-\beta_2) g_k^2,\qquad
+        D_k = \sqrt{v_k / (1-\beta_2^k)} + \epsilon,
+
+        \bar f_k = \beta_1 \bar f_{k-1} + (1-\beta_1) f_k,\qquad
+        \gamma_k = \beta_1 \gamma_{k-1} + (1-\beta_1)\langle g_k, x_k\rangle,\qquad
+        \rho_k = 1 - \beta_1^k,
+
+        t_k = \frac{\max\big((1+\alpha\lambda)(\bar f_k - \rho_k\,\mathrm{lb})
+              + \langle d_k, x_k\rangle - (1+\alpha\lambda)\gamma_k,\ 0\big)}
+              {\sum d_k^2 / D_k},
+        \qquad \tau_k = \min\Big(\frac{\alpha}{\rho_k},\ t_k\Big),
+
+        x_{k+1} = \frac{x_k - \tau_k\, d_k / D_k}{1 + \alpha\lambda}\quad(\text{divide=True}),
+        \qquad x_{k+1} = (1 - \alpha\lambda)\,x_k - \tau_k\, d_k / D_k\quad(\text{divide=False})
+
+    for k = 1, 2, ..., every average starting at 0 (Schaipp, Ohana, Eickenberg, Defazio, Gower,
+    "MoMo: Momentum Models for Adaptive Learning Rates", ICML 2024; the official code is
+    momo-opt, class ``MomoAdam``). This is MoMo in the metric of D_k: ||d||^2 becomes the
+    D-weighted sum of d^2 / D and the step follows d / D, Adam's direction; alpha / rho_k caps
+    tau_k as Adam's bias-corrected learning rate would. The numerator keeps the proximal factors
+    1 + alpha lambda with ``divide=False`` too, as the official code does.
+
+    Symbols: f_k = the step's loss; g_k its gradient (g^2 and d^2 / D elementwise); x_k the
+    parameters; alpha = the group's ``lr``, the cap of the step size (not a multiplier on it);
+    lambda = ``weight_decay``; (beta_1, beta_2) = ``betas``; epsilon = ``eps``; lb = ``lb``.
+    The inner products and the weighted sum are global, over every parameter of every group.
+    State: ``state[p]["grad_avg"]`` = d_k, ``state[p]["grad_avg_sq"]`` = v_k;
+    ``scalars["loss_avg"]`` = f̄_k, ``scalars["grad_dot_w"]`` = gamma_k, ``scalars["lb"]`` = the
+    lower bound in use, ``scalars["step_size"]`` = tau_k of the first param group.
+
+    ``use_fstar=True`` estimates the lower bound online as :class:`MoMo` does, with
+    rho_k = 1 - beta_1^k and ||d||^2 replaced by the weighted sum.
+
+    The arguments have momo-opt's names and defaults, so ``momo.MomoAdam(params, ...)`` becomes
+    ``pf.MoMoAdam(params, ...)``; give the loss with ``opt.watch_loss(loss)`` before the
+    backward, or ``step(loss=loss)`` as in momo-opt.
+
+    Args:
+        params: parameters or param groups. A group may set its own ``lr``; every other
+            hyperparameter is global and must be equal in every group.
+        lr (float or tensor): alpha, the cap of the step size (default 1e-2). LR schedules
+            change the cap, as in the paper's experiments.
+        betas (tuple of two floats): (beta_1, beta_2), each in [0, 1) (default (0.9, 0.999)).
+        eps (float): epsilon >= 0 added to D_k (default 1e-8).
+        weight_decay (float): lambda >= 0 (default 0).
+        lb (float): a lower bound on the loss (default 0).
+        divide (bool): True (default) applies the weight decay proximally (the division by
+            1 + alpha lambda); False as AdamW does (the multiplication by 1 - alpha lambda
+            before the step).
+        use_fstar (bool): estimate the lower bound online, starting from and never below ``lb``
+            (default False).
+        fused (bool or None): None and False take the eager reference (the fused kernels for
+            MoMo-Adam are not written yet: True raises a ``NotImplementedError``).
+        process_group: the torch.distributed group to reduce the loss and the sums over
+            (default: the whole world under DDP, the mesh under FSDP2); see the README.
+        average_loss (bool): average the loss over the ranks (default True); False when
+            the loss you pass is already equal on every rank.
+
+    Guards: a weighted sum sum d^2 / D <= 1e-16 makes t_k = +inf, so tau_k = alpha / rho_k; a
+    negative numerator gives t_k = 0; a non-finite loss, gradient or sum (or GradScaler's inf
+    flag) skips the step: parameters and state stay bitwise unchanged and
+    ``scalars["skipped"]`` += 1. The loss is required.
+
+    Deliberate differences from momo-opt 0.1.0 (each shown in tests/test_momo.py):
+        * no host sync: every scalar is a device tensor, no ``.item()``, no branch on a device
+          value;
+        * every hyperparameter but ``lr`` is global (one value for all groups);
+        * gamma_k is one global average of sum_p <g_p, x_p>, and the bias correction of D_k uses
+          the one global step count k (momo-opt keeps gamma and a step count per parameter and
+          uses the per-parameter count for the weighted sum, the global one for the update: all
+          the same when every parameter has a gradient at every step);
+        * with ``use_fstar``, lb is updated once per step, with the first group's lr (momo-opt
+          updates it again in each group's turn);
+        * the guards above (momo-opt divides by the weighted sum whatever its size, and steps on
+          non-finite values).
+    A parameter whose ``.grad`` is None is not stepped, keeps its buffers and is left out of the
+    sums, as in momo-opt (whose gamma then also leaves out that parameter's past).
+
+    .. warning::
+        lb must lower-bound every loss you pass, regularisation terms included: once the model
+        f̄_k + <d_k, x_k> - gamma_k lies below rho_k lb the Polyak part t_k is 0 and the
+        iterates stop moving (but for the weight decay), and a loose lb far below the reachable
+        loss leaves the step at its cap alpha / rho_k (then alpha acts as Adam's learning
+        rate). With ``eps=0`` a coordinate whose gradient has always been 0 gives 0 / 0 in
+        d / D: every step is then skipped as non-finite.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = MoMoAdam(model.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 4)
+        >>> y = x @ torch.randn(4, 1)
+        >>> for _ in range(100):
+        ...     opt.zero_grad()
+        ...     loss = opt.watch_loss(torch.nn.functional.mse_loss(model(x), y))
+        ...     loss.backward()
+        ...     _ = opt.step()
+        >>> bool(loss < 0.01), int(opt.scalars["step"])
+        (True, 100)
+    """
+
+    METHOD = "momo_adam"
+    SCALARS = SCALARS
+    BUFFERS = ("grad_avg", "grad_avg_sq")
+    GLOBAL_HPARAMS = ("betas", "eps", "weight_decay", "lb", "divide", "use_fstar")
+    HAS_FUSED = False  # fused kernels for MoMo: not yet
+    LR_ROLE = "cap"  # tau = min(lr / rho, t): a schedule on the cap is the method as published
+
+    def __init__(self, params, lr=1e-2, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, lb: float = 0, divide: bool = True,
+                 use_fstar: bool = False, *, fused: bool | None = None, process_group=None,
+                 average_loss: bool = True):
+        betas = _check_betas(betas)
+        check_number("eps", eps, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("lb", lb)
+        check_flag("divide", divide)
+        check_flag("use_fstar", use_fstar)
+        defaults = dict(lr=lr, betas=betas, eps=float(eps), weight_decay=float(weight_decay),
+                        lb=float(lb), divide=divide, use_fstar=use_fstar)
+        super().__init__(params, defaults, fused=fused, process_group=process_group,
+                         average_loss=average_loss)
+
+    def _initial_scalars(self):
+        return {"step_size": 0.0, "loss_avg": 0.0, "grad_dot_w": 0.0, "lb": self.defaults["lb"]}
+
+    def _init_buffer(self, name, p):
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+        momo_adam(params, grads, buffers["grad_avg"], buffers["grad_avg_sq"], self._packed_scalars,
+                  lrs=lrs, loss=loss, fused=fused, **self._hparams(), **amp)
+
+
+def momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, loss, lrs=1e-2,
+              betas=(0.9, 0.999), eps=1e-8, weight_decay=0, lb=0, divide=True, use_fstar=False,
+              grad_scale=None, found_inf=None, fused=False):
+    """Functional form of :class:`MoMoAdam` (packed scalars: step, skipped, step_size, loss_avg,
+    grad_dot_w, lb; ``grad_avgs``: d, ``state["grad_avg"]``; ``grad_avg_sqs``: v,
+    ``state["grad_avg_sq"]``); ``lrs`` is the cap alpha.
+
+    Build the state once with ``MoMoAdam.functional_state(params, ...)`` (the same keyword
+    arguments as the class), keep it, and pass its entries on every call; ``lrs`` is one cap for
+    every tensor or a list of one per tensor. The hyperparameters default as in the class.
+
+    Example:
+        >>> params = list(torch.nn.Linear(4, 1).parameters())
+        >>> state = MoMoAdam.functional_state(params)
+        >>> loss = sum(p.square().sum() for p in params) + 1.0
+        >>> loss.backward()
+        >>> with torch.no_grad():
+        ...     momo_adam(params, [p.grad for p in params], state["grad_avg"],
+        ...               state["grad_avg_sq"], state["scalars"], loss=loss.detach())
+        >>> int(state["scalars"][0])   # the step count
+        1
+    """
+    if fused:
+        raise NotImplementedError(fused_not_implemented("MoMoAdam"))
+    _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, lrs=lrs, loss=loss,
+                         betas=betas, eps=eps, weight_decay=weight_decay, lb=lb, divide=divide,
+                         use_fstar=use_fstar, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, loss, betas,
+                         eps, weight_decay, lb, divide, use_fstar, grad_scale, found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
+    dt = scalars.dtype
+    lrs = E.per_tensor(lrs, len(params))
+    beta1, beta2 = betas
+    k = s["step"] + 1                                                  # the step being taken
+    rho = E.one_minus_power(beta1, k)                                  # rho_k = 1 - beta1^k
+    bias2 = E.one_minus_power(beta2, k)                                # 1 - beta2^k
+    d_new, v_new, D = [], [], []
+    for d, v, g in zip(grad_avgs, grad_avg_sqs, grads):
+        g = E.up(g)
+        d_new.append(beta1 * E.up(d) + (1 - beta1) * g)               # d_k = beta1 d + (1-beta1) g
+        v_new.append(beta2 * E.up(v) + (1 - beta2) * g * g)       # v_k = beta2 v + (1-beta2) g^2
+        D.append(torch.sqrt(v_new[-1] / bias2.to(g.dtype)) + eps)  # D_k = sqrt(v_k/bias2) + eps
+    loss, gx, dx, d_sq = E.across_ranks(
+        loss, E.inner(grads, params, dt),                              # f_k, <g_k, x_k>,
+        E.inner(d_new, params, dt),                                    # <d_k, x_k>,
+        E.inner(d_new, [dn / Dk for dn, Dk in zip(d_new, D)], dt))     # sum d_k^2 / D_k
+    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]                 # f̄_k
+    gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx                 # gamma_k
+    lb_k = s["lb"] if use_fstar else torch.full_like(s["lb"], lb)
+    if use_fstar:                                  # (with the first group's lr: one lb update)
+        lb_k = reset_lower_bound(lb_k, lb, f_avg, dx, gamma, rho, as_scalar(lrs[0], scalars),
+                                 weight_decay)
+    steps = per_lr(lrs, scalars, lambda alpha: step_size(            # (alpha, tau_k) per tensor
+        lb_k, f_avg, dx, gamma, d_sq, rho, alpha, weight_decay))
+    tau_first = steps[0][1]
+    if use_fstar:
+        lb_k = update_lower_bound(lb, f_avg, dx, gamma, d_sq, rho, tau_first)
+    for x, d, v, dn, vn, Dk, (alpha, tau) in zip(params, grad_avgs, grad_avg_sqs, d_new, v_new, D,
+                                                 steps):
+        md = E.math_dtype(x)
+        x_new = E.up(x)
+        if not divide:
+            x_new = x_new * as_math(1 - alpha * weight_decay, md)      # AdamW: x (1 - alpha lambda)
+        x_new = x_new - tau.to(md) * (dn / Dk)                         # x - tau d / D
+        if divide:
+            x_new = x_new / as_math(1 + alpha * weight_decay, md)  # proximal: / (1 + alpha lambda)
+        E.write_if(finite, x, x_new)
+        E.write_if(finite, d, dn)
+        E.write_if(finite, v, vn)
+    E.write_if(finite, s["loss_avg"], f_avg)
+    E.write_if(finite, s["grad_dot_w"], gamma)
+    E.write_if(finite, s["lb"], lb_k)
+    E.write_if(finite, s["step_size"], tau_first)
+    E.count_step(s, finite)

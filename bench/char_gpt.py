@@ -8,10 +8,12 @@ The corpus is character-level text split into train / validation / test (80 / 10
 The default corpus needs no download: the ``.py`` files of the Python standard library directory
 (the one holding ``os.py``), sorted by name and concatenated up to ``max_chars``.
 
-Methods (``METHODS``): SGD and clipped SGD (``ClippedSGD``, tuned on a grid), and the
-parameter-free Polyak (f* = 0), DecSPS, AdaSPS, DoG and Inexact Polyak (T = number of steps, last
-iterate, as the paper does for networks). All optimizers are built with ``fused=None`` unless told
-otherwise: the Triton kernels on CUDA, the eager reference on the CPU.
+Methods (``METHODS``): SGD and clipped SGD (``ClippedSGD``, tuned on an lr x clip grid), AdamW
+(``torch.optim.AdamW`` with torch's defaults, betas (0.9, 0.999), weight decay 0.01, tuned on an lr
+grid), MoMo and MoMo-Adam (``pf.MoMo`` / ``pf.MoMoAdam`` at their default lr, 1 and 1e-2, lb = 0),
+and the parameter-free Polyak (f* = 0), DecSPS, AdaSPS, DoG and Inexact Polyak (T = number of
+steps, last iterate, as the paper does for networks). The package's optimizers are built with
+``fused=None`` unless told otherwise: the Triton kernels on CUDA, the eager reference on the CPU.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ import torch.nn.functional as F
 
 import polyak_fused as pf
 
-METHODS = ("sgd", "clipped_sgd", "polyak", "decsps", "adasps", "dog", "inexact_polyak")
-LABELS = {"sgd": "SGD (tuned)", "clipped_sgd": "Clipped SGD (tuned)", "polyak": "Polyak (f*=0)",
+METHODS = ("sgd", "clipped_sgd", "adamw", "momo", "momo_adam", "polyak", "decsps", "adasps", "dog",
+           "inexact_polyak")
+LABELS = {"sgd": "SGD (tuned)", "clipped_sgd": "Clipped SGD (tuned)", "adamw": "AdamW (tuned)",
+          "momo": "MoMo", "momo_adam": "MoMo-Adam", "polyak": "Polyak (f*=0)",
           "decsps": "DecSPS", "adasps": "AdaSPS", "dog": "DoG",
           "inexact_polyak": "Inexact Polyak"}
-TUNED = ("sgd", "clipped_sgd")
+#: Methods tuned on a grid (lr; and clip for clipped SGD).
+TUNED = ("sgd", "clipped_sgd", "adamw")
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -130,8 +135,9 @@ def stdlib_corpus(max_chars: int = 4_000_000) -> tuple[str, str]:
             break
     text = "".join(parts)[:max_chars]
     version = ".".join(map(str, sys.version_info[:3]))
+    where = os.path.join(os.path.basename(os.path.dirname(directory)), os.path.basename(directory))
     desc = (f"Python {version} standard library: the first {len(parts)} of {len(names)} .py files "
-            f"of {directory} (sorted), {len(text):,} characters")
+            f"of its directory (.../{where}, sorted), {len(text):,} characters")
     return text, desc
 
 
@@ -206,10 +212,12 @@ class TrainConfig:
 
 def make_optimizer(method: str, params, *, total_steps: int, lr: float | None = None,
                    clip: float | None = None, fused: bool | None = None):
-    """The package optimizer for a method name; lr (and clip) only for sgd / clipped_sgd."""
-    if method in TUNED:
-        if lr is None:
-            raise ValueError(f"{method} needs lr")
+    """The optimizer for a method name; lr (and clip) only for the TUNED methods."""
+    if method in TUNED and lr is None:
+        raise ValueError(f"{method} needs lr")
+    if method == "adamw":
+        return torch.optim.AdamW(params, lr=lr)  # torch's defaults otherwise (weight decay 0.01)
+    if method in ("sgd", "clipped_sgd"):
         max_norm = math.inf if method == "sgd" or clip is None else clip
         return pf.ClippedSGD(params, lr=lr, max_norm=max_norm, fused=fused)
     if method == "polyak":
@@ -220,6 +228,10 @@ def make_optimizer(method: str, params, *, total_steps: int, lr: float | None = 
         return pf.AdaSPS(params, fused=fused)
     if method == "dog":
         return pf.DoG(params, fused=fused)
+    if method == "momo":
+        return pf.MoMo(params, fused=fused)
+    if method == "momo_adam":
+        return pf.MoMoAdam(params, fused=fused)
     if method == "inexact_polyak":
         return pf.InexactPolyak(params, total_steps=total_steps, fused=fused)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -245,7 +257,7 @@ class RunResult:
     def hparams(self) -> str:
         if self.method not in TUNED:
             return "-"
-        if self.method == "sgd":
+        if self.method in ("sgd", "adamw"):
             return f"lr={self.lr:g}"
         return f"lr={self.lr:g}, clip={self.clip:g}"
 
@@ -322,7 +334,10 @@ def train_run(method: str, data: CharData, cfg: TrainConfig, evaluator: Evaluato
             _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step(loss=loss.detach())
+        if method == "adamw":
+            opt.step()
+        else:
+            opt.step(loss=loss.detach())
         if bar is not None:
             bar.update(1)
     result.test_loss = evaluator.loss(model, "test")
@@ -355,20 +370,68 @@ class GPTExperiment:
         return best
 
 
-def run_experiment(data: CharData, corpus: str, cfg: TrainConfig, lrs, clips,
-                   methods=METHODS, progress: bool = True) -> GPTExperiment:
-    """Every method; SGD on every lr, clipped SGD on every (lr, clip) (finite clips only when
-    SGD runs too: its runs are the clip = inf points)."""
+#: AdamW's lr grid when none is given (the issue's: 3e-3 was best at 2000 steps).
+ADAMW_LRS = (1e-3, 3e-3, 1e-2)
+
+
+def plan_jobs(methods, lrs, clips, adamw_lrs=ADAMW_LRS) -> list[tuple]:
+    """The runs of an experiment, (method, lr, clip) each: SGD on every lr, clipped SGD on every
+    (lr, clip) (clip = inf is plain SGD: its points reuse the SGD runs when SGD runs too), AdamW
+    on every lr of `adamw_lrs`, one run of every other method."""
     jobs = []
     for method in methods:
         if method == "sgd":
             jobs += [(method, lr, None) for lr in lrs]
         elif method == "clipped_sgd":
-            # clip = inf is plain SGD: reuse the SGD runs when SGD is run too
             jobs += [(method, lr, c) for lr in lrs for c in clips
                      if math.isfinite(c) or "sgd" not in methods]
+        elif method == "adamw":
+            jobs += [(method, lr, None) for lr in adamw_lrs]
         else:
             jobs.append((method, None, None))
+    return jobs
+
+
+def time_steps(data: CharData, cfg: TrainConfig, steps: int = 8) -> dict:
+    """Seconds per training step (SGD, after one untimed step) and per evaluation of this
+    configuration, measured now: what the plan's time estimate is made of."""
+    evaluator = Evaluator(data, cfg)
+    torch.manual_seed(cfg.seed)
+    model = CharGPT(cfg.model_config(data.vocab_size)).to(cfg.device)
+    opt = make_optimizer("sgd", model.parameters(), total_steps=steps, lr=1e-3, fused=cfg.fused)
+    batches = torch.Generator().manual_seed(cfg.seed + 1)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        x, y = data.batch("train", data.starts("train", cfg.batch_size, cfg.block_size, batches),
+                          cfg.block_size, cfg.device)
+        with _autocast(cfg):
+            _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(loss=loss.detach())
+        if torch.device(cfg.device).type == "cuda":
+            torch.cuda.synchronize(cfg.device)
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    evaluator.loss(model, "val")
+    per_eval_batch = (time.perf_counter() - start) / cfg.eval_batches
+    return {"step": float(np.median(times[1:])), "eval_batch": per_eval_batch}
+
+
+def estimate_seconds(cfg: TrainConfig, n_runs: int, timing: dict) -> float:
+    """A run's time from `time_steps`: its steps, its evaluations (train + val every eval_every
+    steps) and its test."""
+    evals = cfg.steps // cfg.eval_every + 2
+    batches = 2 * cfg.eval_batches * evals + cfg.test_batches
+    return n_runs * (cfg.steps * timing["step"] + batches * timing["eval_batch"])
+
+
+def run_experiment(data: CharData, corpus: str, cfg: TrainConfig, lrs, clips,
+                   methods=METHODS, progress: bool = True,
+                   adamw_lrs=ADAMW_LRS) -> GPTExperiment:
+    """Every method; the runs of `plan_jobs`."""
+    jobs = plan_jobs(methods, lrs, clips, adamw_lrs)
     from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs) * cfg.steps, desc="char-GPT", unit="step", disable=not progress,
                mininterval=0.5)

@@ -1,8 +1,20 @@
-"""The README's benchmark tables, made from step-benchmark CSVs.
+"""The README's tables: the step benchmark's, and the main job's results (bench.experiments).
 
     python -m bench.readme_table bench/results/step_cpu_<date>.csv [more.csv ...]
     python -m bench.readme_table <csv> --full              # every optimizer, layout and dtype
     python -m bench.readme_table <csv> --write README.md   # also rewrite the marked block
+
+    python -m bench.readme_table --experiments                    # print the results blocks
+    python -m bench.readme_table --experiments --write README.md  # rewrite them in the README
+    python -m bench.readme_table --experiments --check README.md  # exit 1 if they are stale
+
+The results blocks are made from the committed run, bench/results/experiments/ (--folder for
+another): ``<!-- results:gpt -->`` ... ``<!-- /results:gpt -->`` holds the char-GPT table (and
+its conditions, grid and comparison with AdamW), ``<!-- results:synthetic -->`` ...
+``<!-- /results:synthetic -->`` the two Figure 1 tables. `update_readme` replaces the text
+between each pair of markers.
+
+Step-benchmark tables:
 
 Prints markdown: the conditions of the run (device, versions, commit, copy bandwidth), then
   1. the headline: InexactPolyak on every layout and dtype, one column per provider, each cell
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import re
 import sys
 from pathlib import Path
@@ -153,14 +166,194 @@ def write_block(path: Path, text: str) -> bool:
     return True
 
 
+# ---- the main job's results (bench.experiments) --------------------------------------------------
+#: The committed run of `python -m bench.experiments` (relative to the repository root).
+RESULTS = Path(__file__).resolve().parent / "results" / "experiments"
+BLOCKS = ("gpt", "synthetic")
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+
+
+def _csv(folder: Path, name: str) -> list[dict]:
+    with open(Path(folder) / name, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_info(folder: Path = RESULTS) -> dict:
+    return {r["key"]: r["value"] for r in _csv(folder, "run_info.csv")}
+
+
+def _minutes(seconds: str) -> str:
+    s = float(seconds)
+    return f"{s:.0f} s" if s < 90 else f"{int(s // 60)} min {s % 60:.0f} s"
+
+
+def conditions_line(info: dict, prefix: str) -> str:
+    """Where the numbers of one experiment come from: command, commit, machine, threads, load,
+    time."""
+    parts = [f"`{info[prefix + 'command']}` at commit {info[prefix + 'git']}, "
+             f"{info[prefix + 'date']}"]
+    if "machine" in info:
+        parts.append(info["machine"])
+    if prefix + "threads" in info:
+        parts.append(f"torch threads {info[prefix + 'threads']}")
+    parts.append(f"Python {info[prefix + 'python']}, torch {info[prefix + 'torch']}")
+    if "load_at_start" in info:
+        parts.append(f"load average (1/5/15 min) {info['load_at_start']} at start, "
+                     f"{info.get('load_at_end', '?')} at end")
+    seconds = info.get(prefix + "seconds")
+    wall = info.get("wall_seconds")
+    what = {"gpt_": "the char-GPT", "synthetic_": "the synthetic experiment"}[prefix]
+    timing = f"{what} took {_minutes(seconds)}" if seconds else ""
+    if wall:
+        timing += f" (the whole job {_minutes(wall)})"
+    if timing:
+        parts.append(timing)
+    return "Conditions: " + "; ".join(parts) + "."
+
+
+def _f3(v: str) -> str:
+    return f"{float(v):.3f}"
+
+
+def gpt_block(folder: Path = RESULTS) -> str:
+    """The char-GPT results (markdown) from gpt_summary.csv, gpt_grid.csv and run_info.csv."""
+    from . import char_gpt as G
+    info = run_info(folder)
+    summary = _csv(folder, "gpt_summary.csv")
+    grid = _csv(folder, "gpt_grid.csv")
+    counts = {m: sum(1 for r in grid if r["method"] == m) for m in G.TUNED}
+    counts["clipped_sgd"] += counts["sgd"]  # its grid includes clip = inf, the SGD runs
+    ok = [r for r in summary if r["diverged"] == "0"]
+    best = min((float(r["test_loss"]) for r in ok), default=math.nan)
+    adamw = next((float(r["test_loss"]) for r in summary if r["method"] == "adamw"), None)
+    head = ["method", "selected", "train", "val", "test"] + (["test − AdamW"] if adamw else [])
+    lines = [conditions_line(info, "gpt_"), "",
+             f"Model and data: {info['gpt_config']}; {int(info['gpt_parameters']):,} parameters; "
+             f"corpus: {info['gpt_corpus']}; grids: SGD / clipped SGD lr {{{info['gpt_lr_grid']}}}"
+             f" × clip {{{info['gpt_clip_grid']}}}"
+             + (f", AdamW lr {{{info['gpt_adamw_lr_grid']}}}" if "gpt_adamw_lr_grid" in info
+                else "") + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        m = r["method"]
+        label = G.LABELS[m]
+        if m in counts:
+            label = label.replace("(tuned)", f"(tuned, {counts[m]} runs)")
+        hp = r["hyperparameters"].replace("=", " = ").replace("inf", "∞")
+        test = _f3(r["test_loss"])
+        if r["diverged"] != "0":
+            test += " (diverged)"
+        elif float(r["test_loss"]) == best:
+            test = f"**{test}**"
+        cells = [label, "–" if hp == "-" else hp, _f3(r["final_train_loss"]),
+                 _f3(r["final_val_loss"]), test]
+        if adamw:
+            cells.append(f"{float(r['test_loss']) - adamw:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    tuned = []
+    for m in G.TUNED:
+        points = [r for r in grid if r["method"] == m]
+        if not points:
+            continue
+        text = ", ".join(
+            (f"lr {float(r['lr']):g}" + (f" clip {float(r['clip']):g}" if r["clip"] else "")
+             + ": " + ("diverged" if r["diverged"] != "0" else _f3(r["test_loss"])))
+            for r in points)
+        tuned.append(f"{G.LABELS[m].replace(' (tuned)', '')} {text}")
+    if tuned:
+        lines += ["", "The grid (`gpt_grid.csv`), test loss: " + "; ".join(tuned) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def synthetic_block(folder: Path = RESULTS) -> str:
+    """The Figure 1 tables (markdown) from synthetic_summary.csv and synthetic_inexact_polyak.csv."""
+    from . import synthetic as S
+    info = run_info(folder)
+    summary = _csv(folder, "synthetic_summary.csv")
+    sweep = _csv(folder, "synthetic_inexact_polyak.csv")
+    l1s = list(dict.fromkeys(r["L1"] for r in summary))
+    t_max = max(int(r["T"]) for r in sweep)
+    labels = {"gd": "GD (Table 3 lr)", "clipped_gd": "Clipped GD (Table 3 lr, c)",
+              S.INEXACT: f"Inexact Polyak (Alg. 1, T = {t_max})"}
+    cell = {(r["method"], r["L1"]): r for r in summary}
+    initial = ", ".join(f"{float(cell[('gd', l1)]['initial_gap']):.3g}" for l1 in l1s)
+    lines = [conditions_line(info, "synthetic_"), "",
+             f"f(x) − f* at the end (Inexact Polyak: best iterate at T = {t_max}); f(x0) − f* = "
+             f"{initial} for L1 = {', '.join(l1s)}:", "",
+             "| method | iterations | " + " | ".join(f"L1 = {v}" for v in l1s) + " |",
+             "|" + "---|" * (2 + len(l1s))]
+    for m in list(S.TRAJECTORY_METHODS) + [S.INEXACT]:
+        rows = [cell[(m, l1)] for l1 in l1s]
+        lines.append(f"| {labels.get(m, S.LABELS[m])} | {rows[0]['iterations']} | "
+                     + " | ".join(f"{float(r['final_gap']):.1e}" for r in rows) + " |")
+    gaps = {(r["L1"], r["T"]): r["best_gap"] for r in sweep}
+    lines += ["", "Inexact Polyak, best-iterate f(x_best) − f* for each horizon T (panel f):", "",
+              "| T | " + " | ".join(f"L1 = {v}" for v in l1s) + " |",
+              "|" + "---|" * (1 + len(l1s))]
+    for T in sorted({r["T"] for r in sweep}, key=int):
+        lines.append(f"| {T} | " + " | ".join(f"{float(gaps[(l1, T)]):.1e}" for l1 in l1s)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_blocks(folder: Path = RESULTS) -> dict[str, str]:
+    """{block name: markdown} for every results block."""
+    return {"gpt": gpt_block(folder), "synthetic": synthetic_block(folder)}
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    """{name: the text between its markers} for each results block present in `text`."""
+    found = {}
+    for name in BLOCKS:
+        start, end = markers(name)
+        i, j = text.find(start), text.find(end)
+        if i >= 0 and j > i:
+            found[name] = text[i + len(start):j].strip("\n") + "\n"
+    return found
+
+
+def update_readme(path, folder: Path = RESULTS, check: bool = False) -> list[str]:
+    """Replace the text between each pair of results markers of `path` with the block the CSVs
+    of `folder` give. Returns the names of the blocks that differed (check=True: the file is
+    left alone). Blocks without markers in the file are skipped."""
+    path = Path(path)
+    text = path.read_text()
+    blocks = results_blocks(folder)
+    stale = []
+    for name, present in readme_blocks(text).items():
+        if present == blocks[name]:
+            continue
+        stale.append(name)
+        start, end = markers(name)
+        i, j = text.find(start), text.find(end)
+        text = text[:i + len(start)] + "\n" + blocks[name] + text[j:]
+    if stale and not check:
+        path.write_text(text)
+    return stale
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.readme_table", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv", nargs="+", type=Path)
+    ap.add_argument("csv", nargs="*", type=Path)
     ap.add_argument("--full", action="store_true", help="one row per optimizer, layout and dtype")
     ap.add_argument("--write", type=Path, default=None,
-                    help="also rewrite the bench-table block of this file (e.g. README.md)")
+                    help="also rewrite the bench-table block of this file (e.g. README.md); "
+                         "with --experiments, its results blocks")
+    ap.add_argument("--experiments", action="store_true",
+                    help="the main job's results blocks (from --folder) instead of a step table")
+    ap.add_argument("--folder", type=Path, default=RESULTS,
+                    help=f"the experiments' results folder (default {RESULTS})")
+    ap.add_argument("--check", type=Path, default=None,
+                    help="with --experiments: exit 1 if this file's results blocks are stale")
     a = ap.parse_args(argv)
+    if a.experiments:
+        return _experiments_main(a)
+    if not a.csv:
+        ap.error("give step-benchmark CSVs, or --experiments")
     text = make_tables(read_rows(a.csv), full=a.full)
     print(text, end="")
     if a.write is not None:
@@ -168,6 +361,29 @@ def main(argv=None) -> str:
             print(f"<!-- rewrote the bench-table block of {a.write} -->", file=sys.stderr)
         else:
             print(f"{a.write} has no {START} ... {END} block: left unchanged", file=sys.stderr)
+    return text
+
+
+def _experiments_main(a) -> str:
+    blocks = results_blocks(a.folder)
+    text = "\n".join(f"{markers(n)[0]}\n{b}{markers(n)[1]}\n" for n, b in blocks.items())
+    if a.check is not None:
+        present = readme_blocks(a.check.read_text())
+        if not present:
+            print(f"{a.check} has no results markers", file=sys.stderr)
+            sys.exit(1)
+        stale = update_readme(a.check, a.folder, check=True)
+        if stale:
+            print(f"{a.check}: stale results block(s) {', '.join(stale)}; rerun with --write",
+                  file=sys.stderr)
+            sys.exit(1)
+        print(f"{a.check}: results blocks {', '.join(present)} match {a.folder}")
+        return text
+    print(text, end="")
+    if a.write is not None:
+        stale = update_readme(a.write, a.folder)
+        print(f"<!-- {a.write}: rewrote {', '.join(stale) or 'no'} results block(s) -->",
+              file=sys.stderr)
     return text
 
 

@@ -1,10 +1,14 @@
 """Smoke tests of bench/experiments.py (the paper's experiments): tiny configurations of the
 synthetic Figure 1 and of the char-level GPT, run end to end through the same functions as
-`python -m bench.experiments`, with their CSVs and plots checked."""
+`python -m bench.experiments`, with their CSVs and plots checked; the `--smoke` job itself, its
+plan, thread policy and output folder; the README's results blocks against the committed run."""
 
 import csv
 import math
 import pathlib
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -20,6 +24,7 @@ if ROOT not in sys.path:
 
 from bench import char_gpt as G  # noqa: E402
 from bench import experiments as X  # noqa: E402
+from bench import readme_table as R  # noqa: E402
 from bench import synthetic as S  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,12 +116,18 @@ def test_gpt_tiny_run_end_to_end(tmp_path):
     data = G.CharData(text)
     cfg = G.TrainConfig(steps=30, batch_size=8, block_size=32, n_layer=1, n_head=2, n_embd=32,
                         eval_every=10, eval_batches=2, test_batches=4, seed=3, device="cpu")
-    exp = G.run_experiment(data, desc, cfg, lrs=(0.3,), clips=(1.0, math.inf), progress=False)
-    # one SGD run, one clipped SGD run (clip = inf is the SGD run), five parameter-free runs
+    exp = G.run_experiment(data, desc, cfg, lrs=(0.3,), clips=(1.0, math.inf), progress=False,
+                           adamw_lrs=(3e-3,))
+    # one SGD run, one clipped SGD run (clip = inf is the SGD run), one AdamW run, one of each
+    # other method
     assert [r.method for r in exp.runs] == list(G.METHODS)
     first = {r.curve[0]["val_loss"] for r in exp.runs}
     assert len(first) == 1  # the same initialisation for every method
     assert abs(first.pop() - math.log(data.vocab_size)) < 0.5
+    for method in ("adamw", "momo", "momo_adam"):
+        r = exp.selected()[method]
+        assert not r.diverged and r.curve[-1]["val_loss"] < r.curve[0]["val_loss"] - 0.5, method
+    assert exp.selected()["adamw"].hparams() == "lr=0.003"
     ip = exp.selected()["inexact_polyak"]
     assert [row["step"] for row in ip.curve] == [0, 10, 20, 30]
     losses = [v for row in ip.curve for v in (row["train_loss"], row["val_loss"])]
@@ -142,30 +153,157 @@ def test_gpt_tiny_run_end_to_end(tmp_path):
 
 def test_cli_options():
     args = X.parse_args(["--quick", "--steps", "7", "--lrs", "0.1,1", "--clips", "1,inf",
-                         "--only", "gpt", "--seed", "5", "--device", "cpu"])
-    cfg, lrs, clips = X.gpt_config(args)
+                         "--adamw-lrs", "1e-3", "--only", "gpt", "--seed", "5", "--device", "cpu"])
+    cfg, lrs, clips, adamw_lrs = X.gpt_config(args)
     assert (cfg.steps, cfg.eval_every, cfg.seed, cfg.n_layer, cfg.n_embd) == (7, 1, 5, 2, 64)
     assert lrs == (0.1, 1.0) and clips == (1.0, math.inf) and cfg.fused is None
-    full, lrs, _ = X.gpt_config(X.parse_args(["--device", "cpu"]))
+    assert adamw_lrs == (1e-3,)
+    # the default is the --quick size (its alias); --paper is the paper's length
+    default = X.parse_args(["--device", "cpu"])
+    assert default.size == "default" and default.out == X.DEFAULT_OUT
+    cfg, lrs, clips, adamw_lrs = X.gpt_config(default)
+    assert (cfg.steps, cfg.batch_size, cfg.block_size, cfg.n_layer, cfg.n_embd) == (
+        300, 16, 64, 2, 64)
+    assert lrs == (0.1, 0.3, 1.0) and adamw_lrs == (1e-3, 3e-3, 1e-2)
+    # 3 SGD + 6 clipped SGD (clip = inf is SGD) + 3 AdamW + 7 one-run methods
+    assert len(G.plan_jobs(G.METHODS, lrs, clips, adamw_lrs)) == 19
+    full, _, _, _ = X.gpt_config(X.parse_args(["--paper", "--device", "cpu"]))
     assert (full.steps, full.batch_size, full.block_size, full.n_layer, full.n_head,
             full.n_embd) == (5000, 64, 256, 6, 6, 384)
+    smoke, _, _, _ = X.gpt_config(X.parse_args(["--smoke"]))
+    assert smoke.steps == 20 and smoke.n_layer == 1
+    assert X.parse_args(["--threads", "3"]).threads == 3
+    assert X.parse_args([]).threads == "auto"
     for bad in (["--methods", "adam"], ["--lrs", "0,1"], ["--steps", "0"], ["--threads", "0"],
-                ["--only", "lstm"]):
+                ["--threads", "many"], ["--only", "lstm"], ["--smoke", "--paper"]):
         with pytest.raises(SystemExit):
             X.parse_args(bad)
+
+
+def test_thread_policy():
+    """--threads auto: the usable cores the 1-minute load average does not show busy, rounded,
+    at least 1 (two torch threads on a busy 2-core machine fall far behind one)."""
+    cases = {(2, 0.0): 2, (2, 0.4): 2, (2, 0.6): 1, (2, 1.0): 1, (2, 6.0): 1, (8, 2.2): 6,
+             (8, 0.0): 8, (1, 0.0): 1}
+    for (cores, load), threads in cases.items():
+        got, why = X.choose_threads(cores, load)
+        assert got == threads, (cores, load, got)
+        assert f"{cores} usable cores" in why and f"{load:.2f}" in why
+    threads, _ = X.choose_threads()
+    assert 1 <= threads <= X.usable_cores()
+
+
+def test_plan_line():
+    cfg, lrs, clips, adamw_lrs = X.gpt_config(X.parse_args(["--device", "cpu"]))
+    jobs = G.plan_jobs(G.METHODS, lrs, clips, adamw_lrs)
+    line = X.gpt_plan(cfg, G.METHODS, jobs, 150.0, 1)
+    assert line == "char-GPT: 10 methods, 19 runs x 300 steps; about 2.5 min at 1 thread"
+    timing = {"step": 0.01, "eval_batch": 0.002}
+    # 19 runs x (300 steps x 10 ms + (2 x 8 x 14 eval batches + 32 test batches) x 2 ms)
+    assert math.isclose(G.estimate_seconds(cfg, 19, timing), 19 * (3.0 + 256 * 0.002))
+    syn_cfg = X.SIZES["default"]["synthetic"]
+    syn = X.synthetic_plan(syn_cfg, 100.0)
+    assert syn == ("synthetic: 6 methods x 4 L1 values (Inexact Polyak: 7 horizons T), "
+                          "143,760 float64 steps; about 1.7 min")
+    assert X.synthetic_steps(syn_cfg) == 4 * (3 * 500 + 2 * 10_000 + 14_440)
+
+
+def test_smoke_job_end_to_end(tmp_path, capsys):
+    """`python -m bench.experiments --smoke`: both experiments, every output, in seconds."""
+    out = tmp_path / "res"
+    assert X.main(["--smoke", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = printed.splitlines()[:4]
+    assert plan[0].startswith("plan (smoke size; torch threads: 1, --threads)"), plan
+    assert re.fullmatch(r"  synthetic: 6 methods x 2 L1 values \(Inexact Polyak: 2 horizons T\), "
+                        r"920 float64 steps; about \d+ s", plan[1]), plan[1]
+    assert re.fullmatch(r"  char-GPT: 10 methods, 10 runs x 20 steps; about \d+ s at 1 thread",
+                        plan[2]), plan[2]
+    assert plan[3].startswith("  in all about ") and plan[3].endswith(f"results to {out}")
+    assert re.search(r"^took .* \(planned about .*\); load average", printed, re.M)
+    for label in ("AdamW (tuned)", "MoMo-Adam", "MoMo ", "Inexact Polyak", "Synthetic"):
+        assert label in printed, label
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["gpt_curves.csv", "gpt_curves.png", "gpt_grid.csv", "gpt_summary.csv",
+                     "gpt_test.png", "run_info.csv", "synthetic.png", "synthetic_curves.csv",
+                     "synthetic_inexact_polyak.csv", "synthetic_summary.csv"]
+    _, rows = read_csv(out / "gpt_summary.csv")
+    assert [r["method"] for r in rows] == list(G.METHODS)
+    info = R.run_info(out)
+    for key in ("wall_seconds", "estimated_seconds", "machine", "load_at_start", "load_at_end",
+                "gpt_threads", "gpt_size", "gpt_adamw_lr_grid"):
+        assert info[key], key
+    assert info["gpt_size"] == "smoke" and info["gpt_threads"].startswith("1 ")
+    # the results blocks can be made from any run's folder
+    blocks = R.results_blocks(out)
+    assert "| AdamW (tuned, 1 runs) | lr = 0.003 |" in blocks["gpt"]
+    assert "test − AdamW" in blocks["gpt"] and "| Inexact Polyak |" in blocks["gpt"]
+    assert "| T | L1 = 1 | L1 = 1000 |" in blocks["synthetic"]
+
+
+def test_default_out_is_ignored_by_git():
+    """A run writes to bench/runs/experiments (ignored); the committed run is elsewhere."""
+    assert X.DEFAULT_OUT == "bench/runs/experiments"
+    assert X.REFERENCE_OUT == "bench/results/experiments"
+    if shutil.which("git") is None or not (pathlib.Path(ROOT) / ".git").exists():
+        pytest.skip("not a git checkout: nothing to ignore files in")
+    ignored = subprocess.run(["git", "check-ignore", "-q", X.DEFAULT_OUT + "/gpt_summary.csv"],
+                             cwd=ROOT)
+    assert ignored.returncode == 0, f"{X.DEFAULT_OUT} is not ignored by git"
+    tracked = subprocess.run(["git", "check-ignore", "-q", X.REFERENCE_OUT + "/gpt_summary.csv"],
+                             cwd=ROOT)
+    assert tracked.returncode == 1, f"{X.REFERENCE_OUT} is ignored: the committed run would go"
 
 
 def test_main_gpt_writes_results(tmp_path, capsys):
     out = tmp_path / "res"
     rc = X.main(["--quick", "--only", "gpt", "--steps", "3", "--device", "cpu",
-                 "--methods", "sgd,inexact_polyak", "--lrs", "0.3", "--no-progress",
-                 "--out", str(out)])
+                 "--methods", "sgd,adamw,inexact_polyak", "--lrs", "0.3", "--adamw-lrs", "3e-3",
+                 "--no-progress", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "Inexact Polyak" in printed and "SGD (tuned)" in printed
+    assert "Inexact Polyak" in printed and "SGD (tuned)" in printed and "AdamW" in printed
+    assert "char-GPT: 3 methods, 3 runs x 3 steps" in printed
     names = sorted(p.name for p in out.iterdir())
     assert names == ["gpt_curves.csv", "gpt_curves.png", "gpt_grid.csv", "gpt_summary.csv",
                      "gpt_test.png", "run_info.csv"]
     _, rows = read_csv(out / "run_info.csv")
     info = {r["key"]: r["value"] for r in rows}
     assert "3 steps" in info["gpt_config"] and info["gpt_lr_grid"] == "0.3"
+    assert info["gpt_adamw_lr_grid"] == "0.003"
+
+
+# ---- the README's results blocks -----------------------------------------------------------------
+def test_committed_run_has_every_method():
+    _, rows = read_csv(R.RESULTS / "gpt_summary.csv")
+    assert [r["method"] for r in rows] == list(G.METHODS)
+    info = R.run_info(R.RESULTS)
+    for key in ("wall_seconds", "machine", "load_at_start", "load_at_end", "gpt_threads"):
+        assert info[key], key
+
+
+def test_update_readme_replaces_marked_blocks(tmp_path):
+    readme = tmp_path / "README.md"
+    start, end = R.markers("gpt")
+    readme.write_text(f"intro\n{start}\nold numbers\n{end}\noutro\n")
+    assert R.update_readme(readme, check=True) == ["gpt"]
+    assert "old numbers" in readme.read_text()  # --check leaves it alone
+    assert R.update_readme(readme) == ["gpt"]
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{end}\noutro\n")
+    assert R.readme_blocks(text)["gpt"] == R.gpt_block()
+    assert R.update_readme(readme, check=True) == []
+
+
+def test_readme_results_equal_committed_csvs():
+    """The README's results blocks are what `python -m bench.readme_table --experiments` makes
+    from bench/results/experiments (fix: `--write README.md`)."""
+    readme = pathlib.Path(ROOT) / "README.md"
+    present = R.readme_blocks(readme.read_text())
+    if not present:
+        pytest.skip("README.md has no <!-- results:gpt --> / <!-- results:synthetic --> markers yet")
+    expected = R.results_blocks()
+    for name, text in present.items():
+        assert text == expected[name], (
+            f"README.md's {name} results block differs from the committed CSVs: run "
+            "python -m bench.readme_table --experiments --write README.md")

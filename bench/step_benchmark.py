@@ -107,6 +107,8 @@ def bytes_per_param(method: str, dtype: torch.dtype, hparams: dict | None = None
       ClippedSGD with momentum: + read and write m (2E): 6E.
       DoG: reduce reads g, x, x0 (3E); update reads x, g, writes x (3E): 6E.
       NSGD-M: reduce reads g, m (2E); update reads x, g, m, writes m, x (5E): 7E.
+      MoMo: reduce reads g, x, d (3E); update reads x, g, d, writes d, x (5E): 8E.
+      MoMo-Adam: reduce reads g, x, d, v (4E); update reads x, g, d, v, writes d, v, x (7E): 11E.
     InexactPolyak's track_best adds a write of x_best (E) on the steps that improve; not counted
     (the benchmark runs with track_best=False). The partial sums (4 B per 65536-element chunk)
     and the scalars are left out."""
@@ -116,6 +118,10 @@ def bytes_per_param(method: str, dtype: torch.dtype, hparams: dict | None = None
         return 6 * e
     if method == "nsgdm":
         return 7 * e
+    if method == "momo":
+        return 8 * e
+    if method == "momo_adam":
+        return 11 * e
     if method == "clipped_sgd" and hparams.get("momentum", 0.0) > 0:
         return 6 * e
     if method in baselines.METHODS:

@@ -7,8 +7,6 @@ A subclass declares:
   BUFFERS         the names of its per-parameter state tensors;
   GLOBAL_HPARAMS  hyperparameters that define the one global step size, equal in every group;
   NEEDS_LOSS      whether step() must be given the loss;
-  HAS_FUSED       whether csrc_triton has its kernels (False: fused=True is refused at
-                  construction, and fused=None takes the eager reference on CUDA too);
 and implements `_initial_scalars()` and `_run(...)`, which calls its functional form.
 """
 
@@ -101,10 +99,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_fused_path(fused: bool | None, params: list[torch.Tensor], has_fused: bool = True) -> bool:
-    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never.
-    ``has_fused=False`` (a method without kernels yet, see HAS_FUSED): always the reference."""
-    if fused is False or not has_fused:
+def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
+    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never."""
+    if fused is False:
         return False
     on_cuda = all(p.is_cuda for p in params)
     fp64 = any(p.dtype == torch.float64 for p in params)
@@ -123,11 +120,6 @@ def use_fused_path(fused: bool | None, params: list[torch.Tensor], has_fused: bo
             "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
             "CPU); got parameters on " + ", ".join(sorted({str(p.device) for p in params})))
     return True
-
-
-def fused_not_implemented(name: str) -> str:
-    """The error of fused=True for a method whose kernels are not written yet (HAS_FUSED)."""
-    return f"fused kernels for {name} are not implemented yet; use fused=False"
 
 
 def as_loss_tensor(loss, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -259,7 +251,6 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     BUFFERS: tuple[str, ...] = ()
     GLOBAL_HPARAMS: tuple[str, ...] = ()
     NEEDS_LOSS: bool = True
-    HAS_FUSED: bool = True
     #: Whether the method defines a quantity over the whole iterate (DoG's distances, the best
     #: iterate): then every parameter takes part in the step, with None for a missing gradient
     #: (not stepped, its buffers unchanged, still counted in those quantities: README,
@@ -276,8 +267,6 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                  average_loss: bool = True):
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
-        if fused and not self.HAS_FUSED:
-            raise NotImplementedError(fused_not_implemented(type(self).__name__))
         if fused is True:
             _require_triton()
         if "lr" in defaults:
@@ -567,7 +556,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 and cached[1] == params[0].device:
             return cached[1], cached[2], cached[3]
         device = self._device(params)
-        fused = use_fused_path(self.fused, params, self.HAS_FUSED)
+        fused = use_fused_path(self.fused, params)
         self._fused_cache["host_pass"] = _host_pass.implementation() if fused else None
         buffers = {name: [] for name in self.BUFFERS}
         for p in params if buffers else ():  # (no empty state entries, as in torch.optim)

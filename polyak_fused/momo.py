@@ -9,8 +9,8 @@ import math
 import torch
 
 from . import _eager as E
-from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number,
-                         fused_not_implemented)
+from ._dispatch import run_fused
+from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number)
 
 __all__ = ["MoMo", "momo"]
 
@@ -81,8 +81,7 @@ class MoMo(PolyakFamilyOptimizer):
         bias_correction (bool): rho_k = 1 - beta^k and zero-started averages (default False).
         use_fstar (bool): estimate the lower bound online, starting from and never below ``lb``
             (default False).
-        fused (bool or None): None and False take the eager reference (the fused kernels for
-            MoMo are not written yet: True raises a ``NotImplementedError``).
+        fused (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the sums over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -135,7 +134,6 @@ class MoMo(PolyakFamilyOptimizer):
     SCALARS = SCALARS
     BUFFERS = ("grad_avg",)
     GLOBAL_HPARAMS = ("weight_decay", "beta", "lb", "bias_correction", "use_fstar")
-    HAS_FUSED = False  # fused kernels for MoMo: not yet
     LR_ROLE = "cap"  # tau = min(lr / rho, t): a schedule on the cap is the method as published
 
     def __init__(self, params, lr=1.0, weight_decay: float = 0, beta: float = 0.9,
@@ -159,11 +157,12 @@ class MoMo(PolyakFamilyOptimizer):
 
     def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         momo(params, grads, buffers["grad_avg"], self._packed_scalars, lrs=lrs, loss=loss,
-             fused=fused, **self._hparams(), **amp)
+             fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def momo(params, grads, grad_avgs, scalars, *, loss, lrs=1.0, weight_decay=0, beta=0.9, lb=0,
-         bias_correction=False, use_fstar=False, grad_scale=None, found_inf=None, fused=False):
+         bias_correction=False, use_fstar=False, grad_scale=None, found_inf=None, fused=False,
+         cache=None):
     """Functional form of :class:`MoMo` (packed scalars: step, skipped, step_size, loss_avg,
     grad_dot_w, lb; ``grad_avgs``: d, ``state["grad_avg"]``); ``lrs`` is the cap alpha.
 
@@ -182,11 +181,14 @@ def momo(params, grads, grad_avgs, scalars, *, loss, lrs=1.0, weight_decay=0, be
         >>> int(state["scalars"][0])   # the step count
         1
     """
+    hp = dict(weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction,
+              use_fstar=use_fstar)
     if fused:
-        raise NotImplementedError(fused_not_implemented("MoMo"))
-    _reference_momo(params, grads, grad_avgs, scalars, lrs=lrs, loss=loss,
-                    weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction,
-                    use_fstar=use_fstar, grad_scale=grad_scale, found_inf=found_inf)
+        run_fused("momo", params, grads, {"grad_avg": grad_avgs}, lrs, loss, scalars, hp, cache,
+                  grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        _reference_momo(params, grads, grad_avgs, scalars, lrs=lrs, loss=loss, **hp,
+                        grad_scale=grad_scale, found_inf=found_inf)
 
 
 # ---- what MoMo and MoMo-Adam share: the step size and the online lower bound ------------------

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import _eager as E
-from ._optimizer import (COMMON_SCALARS, PolyakFamilyOptimizer, check_number,
-                         fused_not_implemented)
+from ._dispatch import run_fused
+from ._optimizer import (COMMON_SCALARS, PolyakFamilyOptimizer, check_number)
 from .momo import (as_math, as_scalar, check_flag, per_lr, reset_lower_bound, step_size,
                    update_lower_bound)
 
@@ -81,8 +81,7 @@ class MoMoAdam(PolyakFamilyOptimizer):
             before the step).
         use_fstar (bool): estimate the lower bound online, starting from and never below ``lb``
             (default False).
-        fused (bool or None): None and False take the eager reference (the fused kernels for
-            MoMo-Adam are not written yet: True raises a ``NotImplementedError``).
+        fused (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the sums over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -135,7 +134,6 @@ class MoMoAdam(PolyakFamilyOptimizer):
     SCALARS = SCALARS
     BUFFERS = ("grad_avg", "grad_avg_sq")
     GLOBAL_HPARAMS = ("betas", "eps", "weight_decay", "lb", "divide", "use_fstar")
-    HAS_FUSED = False  # fused kernels for MoMo: not yet
     LR_ROLE = "cap"  # tau = min(lr / rho, t): a schedule on the cap is the method as published
 
     def __init__(self, params, lr=1e-2, betas: tuple[float, float] = (0.9, 0.999),
@@ -161,12 +159,13 @@ class MoMoAdam(PolyakFamilyOptimizer):
 
     def _run(self, params, grads, buffers, lrs, loss, fused, amp):
         momo_adam(params, grads, buffers["grad_avg"], buffers["grad_avg_sq"], self._packed_scalars,
-                  lrs=lrs, loss=loss, fused=fused, **self._hparams(), **amp)
+                  lrs=lrs, loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(),
+                  **amp)
 
 
 def momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, loss, lrs=1e-2,
               betas=(0.9, 0.999), eps=1e-8, weight_decay=0, lb=0, divide=True, use_fstar=False,
-              grad_scale=None, found_inf=None, fused=False):
+              grad_scale=None, found_inf=None, fused=False, cache=None):
     """Functional form of :class:`MoMoAdam` (packed scalars: step, skipped, step_size, loss_avg,
     grad_dot_w, lb; ``grad_avgs``: d, ``state["grad_avg"]``; ``grad_avg_sqs``: v,
     ``state["grad_avg_sq"]``); ``lrs`` is the cap alpha.
@@ -186,11 +185,14 @@ def momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, loss, lrs=1e-2
         >>> int(state["scalars"][0])   # the step count
         1
     """
+    hp = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, lb=lb, divide=divide,
+              use_fstar=use_fstar)
     if fused:
-        raise NotImplementedError(fused_not_implemented("MoMoAdam"))
-    _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, lrs=lrs, loss=loss,
-                         betas=betas, eps=eps, weight_decay=weight_decay, lb=lb, divide=divide,
-                         use_fstar=use_fstar, grad_scale=grad_scale, found_inf=found_inf)
+        run_fused("momo_adam", params, grads, {"grad_avg": grad_avgs, "grad_avg_sq": grad_avg_sqs},
+                  lrs, loss, scalars, hp, cache, grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, lrs=lrs, loss=loss,
+                             **hp, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, loss, betas,

@@ -118,6 +118,9 @@ def test_traffic_budget():
     assert step_benchmark.bytes_per_param("nsgdm", f32) == 28
     assert step_benchmark.bytes_per_param("clipped_sgd", f32, dict(momentum=0.0)) == 16
     assert step_benchmark.bytes_per_param("clipped_sgd", f32, dict(momentum=0.9)) == 24
+    assert step_benchmark.bytes_per_param("momo", f32) == 32
+    assert step_benchmark.bytes_per_param("momo_adam", f32) == 44
+    assert step_benchmark.bytes_per_param("momo_adam", bf16) == 22
 
 
 def test_harness_smoke(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Compile every fused kernel variant for a Hopper GPU (sm_90) without a GPU, and read the code.
+"""Compile every fused kernel variant for a Hopper GPU (sm_90) without a GPU, and read the code;
+compile them for Ampere (sm_80) and Blackwell (sm_100) too.
 
 The Triton interpreter (how the parity suite runs in CI) accepts code that the compiler rejects.
 Triton compiles ahead of time for any target with the ptxas it ships, so this test builds each
@@ -29,6 +30,7 @@ import sys
 import pytest
 
 HOPPER = ("cuda", 90, 32)
+OTHER_TARGETS = {"sm80": ("cuda", 80, 32), "sm100": ("cuda", 100, 32)}  # compiled, not read
 DTYPES = {"fp32": ("*fp32", "b32", 4), "bf16": ("*bf16", "b16", 2), "fp16": ("*fp16", "b16", 2)}
 
 # (method, flags) as polyak_step_ derives them from each optimizer's hyperparameters
@@ -44,6 +46,8 @@ VARIANTS = [
     ("clipped_sgd", {**_OFF, "MOMENTUM": True}),
     ("nsgdm", {**_OFF, "MOMENTUM": True}),
     ("nsgdm", {**_OFF, "MOMENTUM": True, "AGNOSTIC": True}),
+    ("momo", {**_OFF, "MOMENTUM": True}),
+    ("momo_adam", {**_OFF, "MOMENTUM": True}),
 ]
 IDS = [f"{m}-{i}" for i, (m, _) in enumerate(VARIANTS)]
 GUARDS = dict(TINY_GRAD_SQ=1e-16, DOG_EPS=1e-8, CLIP_EPS=1e-6)  # as polyak_fused passes them
@@ -68,12 +72,12 @@ def _jobs():
                     "grad_scale": "*fp32", "chunk_size": "i32"},
                    {"METHOD": method, "TRACK_BEST": flags["TRACK_BEST"],
                     "MOMENTUM": flags["MOMENTUM"], "WHOLE": flags["WHOLE"],
-                    "BLOCK": K.GPU_BLOCK}, K.GPU_WARPS)
+                    "BLOCK": K.GPU_BLOCK, "TINY_GRAD_SQ": GUARDS["TINY_GRAD_SQ"]}, K.GPU_WARPS)
         for has_loss in (True, False):
             yield (f"step_size/{vid}/{has_loss}", "_step_size_kernel",
                    {"partials": "*fp32", "n_slots": "i32", "loss_ptr": "*fp32",
                     "found_inf": "*fp32", "scalars": "*fp32", "hparams": "*fp32",
-                    "coefs": "*fp32"},
+                    "lrs": "*fp32", "coefs": "*fp32"},
                    {"METHOD": method, "HAS_LOSS": has_loss, "TRACK_BEST": flags["TRACK_BEST"],
                     "AGNOSTIC": flags["AGNOSTIC"], "BLOCK": 1024, **GUARDS}, 4)
 
@@ -139,6 +143,15 @@ def _compile_all() -> dict:
                             **_resource_usage(compiled.asm["cubin"]), "error": None}
         except Exception as err:  # reported per kernel by the tests
             report[name] = {"error": f"{type(err).__name__}: {err}"}
+        for arch, target in OTHER_TARGETS.items():
+            try:
+                compiled = triton.compile(src, target=GPUTarget(*target),
+                                          options={"num_warps": num_warps,
+                                                   "enable_fp_fusion": K.FP_FUSION})
+                report[f"{arch}/{name}"] = {**_resource_usage(compiled.asm["cubin"]),
+                                            "error": None}
+            except Exception as err:
+                report[f"{arch}/{name}"] = {"error": f"{type(err).__name__}: {err}"}
     return report
 
 
@@ -201,6 +214,18 @@ def test_step_size_kernel_compiles_for_sm90(report, vid, has_loss):
     entry = report[f"step_size/{vid}/{has_loss}"]
     assert entry["error"] is None, entry["error"]
     assert entry["local"] == 0
+
+
+@pytest.mark.parametrize("arch", list(OTHER_TARGETS))
+def test_every_kernel_compiles_for_ampere_and_blackwell(report, arch):
+    """The same kernels as above, for sm_80 (A100) and sm_100 (B200): no error, no spills."""
+    entries = {name: e for name, e in report.items() if name.startswith(f"{arch}/")}
+    assert len(entries) == len([n for n in report if "/" in n and n.split("/")[0] not in
+                                OTHER_TARGETS]), "a kernel was not compiled for " + arch
+    failed = {name: e["error"] for name, e in entries.items() if e["error"] is not None}
+    assert not failed, failed
+    spills = {name: e["local"] for name, e in entries.items() if e.get("local")}
+    assert not spills, spills
 
 
 if __name__ == "__main__":

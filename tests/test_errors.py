@@ -134,10 +134,6 @@ CONSTRUCTOR_CASES = [
     ctor_case(pf.MoMoAdam, "lb", INF),
     ctor_case(pf.MoMoAdam, "divide", None, pattern=r"Invalid divide: None"),
     ctor_case(pf.MoMoAdam, "use_fstar", 0, pattern=r"Invalid use_fstar: 0"),
-    # fused kernels for MoMo: not yet
-    *[ctor_case(cls, "fused", True, error=NotImplementedError,
-                pattern=rf"fused kernels for {cls.__name__} are not implemented yet; use "
-                        rf"fused=False") for cls in (pf.MoMo, pf.MoMoAdam)],
     # every class: fused must be None/True/False, lr must be a non-negative finite number
     *[ctor_case(cls, "fused", "yes") for cls in ALL],
     *[ctor_case(cls, "fused", 0.5) for cls in ALL],

@@ -35,10 +35,9 @@ FORMS = {
 }
 MODULES = ["inexact_polyak", "polyak", "decsps", "adasps", "dog", "clipped_sgd", "nsgdm", "momo",
            "momo_adam"]
-# Every form on the reference, and on the fused path where the method has kernels (fused
-# kernels for MoMo: not yet; its fused=True is refused, tests/test_momo.py).
+# Every form on the reference and on the fused path.
 PATHS = [pytest.param(name, fused, id=f"{name}-{'fused' if fused else 'reference'}")
-         for name in FORMS for fused in (False, True) if not fused or FORMS[name][0].HAS_FUSED]
+         for name in FORMS for fused in (False, True)]
 
 
 def problem(dtype, seed=0):

@@ -47,6 +47,12 @@ CONFIGS = {
     "clipped_sgd_momentum": ("ClippedSGD", dict(lr=0.1, max_norm=2.0, momentum=0.9)),
     "nsgdm": ("NSGDM", dict(lr=0.1, beta=0.8)),
     "nsgdm_agnostic": ("NSGDM", dict(lr=0.1, schedule="agnostic")),
+    "momo": ("MoMo", dict(lr=0.5, weight_decay=0.01)),
+    "momo_bc_fstar": ("MoMo", dict(lr=0.2, beta=0.8, bias_correction=True, use_fstar=True,
+                                   lb=0.05)),
+    "momo_adam": ("MoMoAdam", dict(weight_decay=0.01)),
+    "momo_adam_adamw_fstar": ("MoMoAdam", dict(lr=0.05, betas=(0.8, 0.99), divide=False,
+                                               weight_decay=0.02, use_fstar=True)),
 }
 #: One optimizer, three dtype groups (sizes: one and several chunks, odd lengths).
 MODEL = [("float32", 20000), ("bfloat16", 4099), ("float16", 1000), ("float32", 33),

@@ -14,7 +14,7 @@ import torch
 
 import polyak_fused as pf
 from helpers import needs_cuda
-from test_watch_loss import (FACTORIES, FUSED_NOT_YET, NoHostSync, make_batches, make_model,
+from test_watch_loss import (FACTORIES, NoHostSync, make_batches, make_model,
                              micro_batches, mse)
 
 STEPS = 4
@@ -62,9 +62,9 @@ def assert_bitwise_equal_runs(model, opt, ref_model, ref_opt, what):
 
 
 @pytest.mark.parametrize("micro", [1, 4])
-@pytest.mark.parametrize("name, fused", [   # (fused kernels for MoMo: not yet, FUSED_NOT_YET)
+@pytest.mark.parametrize("name, fused", [
     pytest.param(name, fused, id=f"{name}-{'fused' if fused else 'reference'}")
-    for name in FACTORIES for fused in (False, True) if not fused or name not in FUSED_NOT_YET])
+    for name in FACTORIES for fused in (False, True)])
 def test_grad_scaler_run_equals_the_unscaled_run_bitwise(name, micro, fused):
     model, opt, scales = scaled_run(name, fused, micro)
     assert scales == [INIT_SCALE, INIT_SCALE, 2 * INIT_SCALE, 2 * INIT_SCALE], scales
@@ -73,10 +73,9 @@ def test_grad_scaler_run_equals_the_unscaled_run_bitwise(name, micro, fused):
     assert opt.scalars["step"].item() == STEPS and opt.scalars["skipped"].item() == 0
 
 
-@pytest.mark.parametrize("name, fused", [   # (fused kernels for MoMo: not yet, FUSED_NOT_YET)
+@pytest.mark.parametrize("name, fused", [
     pytest.param(name, fused, id=f"{name}-{'fused' if fused else 'reference'}")
-    for name in ["InexactPolyak", "DoG", "NSGDM", "MoMo", "MoMoAdam"] for fused in (False, True)
-    if not fused or name not in FUSED_NOT_YET])
+    for name in ["InexactPolyak", "DoG", "NSGDM", "MoMo", "MoMoAdam"] for fused in (False, True)])
 def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(name, fused):
     model = make_model(torch.float32)
     opt = FACTORIES[name](model.parameters(), fused=fused)

@@ -37,6 +37,12 @@ OPTIMIZERS = [
     ("clipped_sgd_momentum", lambda p, **kw: pf.ClippedSGD(p, lr=0.1, max_norm=1.0, momentum=0.9,
                                                            **kw), False),
     ("nsgdm", lambda p, **kw: pf.NSGDM(p, lr=0.05, **kw), False),
+    ("momo", lambda p, **kw: pf.MoMo(p, lr=0.5, **kw), False),
+    ("momo_fstar_wd", lambda p, **kw: pf.MoMo(p, lr=0.5, weight_decay=0.1, use_fstar=True,
+                                              bias_correction=True, **kw), False),
+    ("momo_adam", lambda p, **kw: pf.MoMoAdam(p, lr=0.05, **kw), False),
+    ("momo_adam_wd", lambda p, **kw: pf.MoMoAdam(p, lr=0.05, weight_decay=0.1, divide=False,
+                                                 **kw), False),
 ]
 IDS = [name for name, _, _ in OPTIMIZERS]
 STEPS = 6
@@ -156,3 +162,22 @@ def test_dog_distances_cover_a_parameter_without_gradient(impl):
         rbar = max(rbar, r_eps, distance.item())
         assert opt.scalars["rbar"].item() == pytest.approx(rbar, rel=tol)
     assert rbar > r_eps  # the distance, which includes the idle parameter's, took over
+
+
+@pytest.mark.parametrize("name,factory,zero_stays", OPTIMIZERS, ids=IDS)
+def test_the_fused_path_steps_as_the_reference_with_a_parameter_without_gradient(
+        name, factory, zero_stays):
+    """The same run, None at IDLE_STEPS, on the kernels (float32) and the reference (float64):
+    the parameters and every buffer agree to float32's rounding (1e-5 relative to each tensor's
+    largest element)."""
+    fused, p_fused, _ = _run(factory, "none", "fused")
+    ref, p_ref, _ = _run(factory, "none", "reference")
+    for i, (a, b) in enumerate(zip(p_fused, p_ref)):
+        scale = b.detach().abs().max().item()
+        torch.testing.assert_close(a.detach().double(), b.detach(), rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"{name} param {i}: {m}")
+        for k, v in ref.state[b].items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                got, size = fused.state[a][k].double(), max(v.abs().max().item(), 1e-3)
+                torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-5 * size,
+                                           msg=lambda m: f"{name} state[{i}][{k!r}]: {m}")

@@ -88,10 +88,7 @@ ALL_GLOBALS = {
                       use_fstar=True),
 }
 class_ids = pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-# The tests of fused=True run on the classes that have kernels (fused kernels for MoMo: not yet;
-# test_fused_true_without_kernels_fails_at_construction checks what MoMo says instead).
-FUSED_CLASSES = [cls for cls in CLASSES if cls.HAS_FUSED]
-fused_class_ids = pytest.mark.parametrize("cls", FUSED_CLASSES, ids=lambda c: c.__name__)
+fused_class_ids = class_ids
 configs = pytest.mark.parametrize("factory", OPTIMIZER_FACTORIES, ids=OPTIMIZER_IDS)
 
 
@@ -444,20 +441,6 @@ def test_a_group_the_kernels_cannot_run_on_is_refused_before_it_is_added(cls, mo
     with pytest.raises(RuntimeError, match=r"fused=True needs CUDA tensors"):
         opt.add_param_group({"params": w[2:]})
     assert len(opt.param_groups) == 1
-
-
-@pytest.mark.parametrize("cls", [cls for cls in CLASSES if not cls.HAS_FUSED],
-                         ids=lambda c: c.__name__)
-@pytest.mark.parametrize("where", ["cpu", "meta"])
-def test_fused_true_without_kernels_fails_at_construction(cls, where, monkeypatch):
-    """MoMo and MoMoAdam have no kernels yet: fused=True is refused when the optimizer is
-    built, whatever the parameters, with the way out named; nothing is built."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")       # (where the kernels could otherwise run)
-    with torch.device(where):
-        model = make_model()
-    with pytest.raises(NotImplementedError, match=rf"fused kernels for {cls.__name__} are not "
-                                                  rf"implemented yet; use fused=False"):
-        cls(model.parameters(), **REQUIRED[cls], fused=True)
 
 
 @fused_class_ids

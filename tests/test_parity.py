@@ -36,6 +36,13 @@ OPTIMIZERS = {
     "clipped_sgd_momentum": lambda p, **kw: pf.ClippedSGD(p, lr=0.1, max_norm=2.0, momentum=0.9, **kw),
     "nsgdm": lambda p, **kw: pf.NSGDM(p, lr=0.1, beta=0.8, **kw),
     "nsgdm_agnostic": lambda p, **kw: pf.NSGDM(p, lr=0.1, schedule="agnostic", **kw),
+    "momo": lambda p, **kw: pf.MoMo(p, lr=0.5, weight_decay=0.01, **kw),
+    "momo_bc_fstar": lambda p, **kw: pf.MoMo(p, lr=0.2, beta=0.8, bias_correction=True,
+                                            use_fstar=True, lb=0.05, **kw),
+    "momo_adam": lambda p, **kw: pf.MoMoAdam(p, weight_decay=0.01, **kw),
+    "momo_adam_adamw_fstar": lambda p, **kw: pf.MoMoAdam(p, lr=0.05, betas=(0.8, 0.99),
+                                                        divide=False, weight_decay=0.02,
+                                                        use_fstar=True, **kw),
 }
 
 # (rtol, atol) for parameters and buffers. bfloat16 allows a few units in the last place: the
@@ -50,7 +57,7 @@ DTYPES = {
 }
 SCALAR_RTOL = 1e-4
 MIXED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STATE_DEPENDENT_SCALARS = ("dog", "nsgdm")
+STATE_DEPENDENT_SCALARS = ("dog", "nsgdm", "momo", "momo_adam")
 
 
 def _shapes(case: str) -> list:
@@ -132,20 +139,48 @@ def _run_pair(name, dtype, shapes, device, seed=0):
     return fused, ref, fused_params, ref_params
 
 
+def _not_compared(opt, dtype) -> set:
+    """MoMo's step size and online lower bound (use_fstar) with bfloat16/float16 parameters.
+    Both come from h = f̄ + <d, x> - gamma (- tau ||d||^2 / 2 for lb): a difference of inner
+    products of the size of the loss, each off by the storage rounding of x (4e-3 relative in
+    bfloat16, 5e-4 in float16). Where h is near zero (here tau = 4e-4 to 1.6e-3 against caps of
+    1e-2 to 0.2), the two runs' tau and lb differ by more than the dtype's tolerance (fused 0 or
+    +-20%), while the parameters, which that tau moves by 1e-3 of a unit, still agree. float32
+    compares both."""
+    if opt.METHOD in ("momo", "momo_adam") and dtype != torch.float32:
+        return {"lb", "step_size"} if opt.defaults.get("use_fstar") else {"step_size"}
+    return set()
+
+
+def _scalar_rtol(opt, key, rtol):
+    """A scalar's tolerance: the dtype's where it depends on stored tensors (DoG's distance,
+    NSGD-M's momentum norm, MoMo's averages), else float32's. MoMo's online lower bound in
+    float32: 1e-4, the rounding of <d, x> - gamma carried into lb (measured 3.2e-5 on 300
+    tensors)."""
+    if key == "lb" and opt.defaults.get("use_fstar"):
+        return SCALAR_RTOL
+    return rtol if opt.METHOD in STATE_DEPENDENT_SCALARS else SCALAR_RTOL
+
+
 def _compare(fused, ref, fused_params, ref_params, dtype, label):
     rtol, atol = DTYPES[dtype]
+    skip = _not_compared(fused, dtype)
     for i, (a, e) in enumerate(zip(fused_params, ref_params)):
         assert_close(a, e, rtol=rtol, atol=atol, what=f"{label} param {i} {tuple(a.shape)}")
         for key, buf in ref.state[e].items():
-            assert_close(fused.state[a][key], buf, rtol=rtol, atol=atol,
-                         what=f"{label} state {key!r} of param {i}")
+            if key in skip:
+                continue
+            assert_close(fused.state[a][key], buf, rtol=_scalar_rtol(fused, key, rtol) if key == "lb"
+                         else rtol, atol=atol, what=f"{label} state {key!r} of param {i}")
     for key, value in ref.scalars.items():
+        if key in skip:
+            continue
         got = fused.scalars[key]
         if key in ("step", "skipped"):
             assert got.item() == value.item(), f"{label} scalar {key}: {got.item()} vs {value.item()}"
         else:
-            tol = rtol if fused.METHOD in STATE_DEPENDENT_SCALARS else SCALAR_RTOL
-            assert_close(got, value, rtol=tol, atol=1e-7, what=f"{label} scalar {key!r}")
+            assert_close(got, value, rtol=_scalar_rtol(fused, key, rtol), atol=1e-7,
+                         what=f"{label} scalar {key!r}")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).split(".")[-1])

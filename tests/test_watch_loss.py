@@ -40,14 +40,11 @@ FACTORIES = {
 }
 POLYAK_FAMILY = ["InexactPolyak", "Polyak", "DecSPS", "AdaSPS", "MoMo", "MoMoAdam"]
 PATHS = {"reference": (False, torch.float64, 1e-12), "fused": (True, torch.float32, 1e-5)}
-#: The optimizers without fused kernels (fused kernels for MoMo: not yet): the reference path only.
-FUSED_NOT_YET = {name for name in FACTORIES if not getattr(pf, name).HAS_FUSED}
 
 
 def every_path(names):
-    """(name, path) for each optimizer and path; the fused path only where there are kernels."""
-    return [pytest.param(name, path, id=f"{name}-{path}") for name in names for path in PATHS
-            if path == "reference" or name not in FUSED_NOT_YET]
+    """(name, path) for each optimizer and path."""
+    return [pytest.param(name, path, id=f"{name}-{path}") for name in names for path in PATHS]
 
 
 def make_model(dtype, seed=0):

@@ -66,10 +66,15 @@ except ImportError:  # pragma: no cover - older Triton: launch hooks on Compiled
 # Layouts shared with polyak_fused (the order of each optimizer's SCALARS tuple).
 # scalars: [step, skipped, <method scalars...>]; hparams: per method, below; coefs: [ok, eta, aux].
 # ------------------------------------------------------------------------------------------------
-METHODS = ("inexact_polyak", "polyak", "decsps", "adasps", "dog", "clipped_sgd", "nsgdm")
+METHODS = ("inexact_polyak", "polyak", "decsps", "adasps", "dog", "clipped_sgd", "nsgdm", "momo",
+           "momo_adam")
 
 #: Number of partial sums each method's reduce kernel writes per chunk.
-N_SUMS = {"dog": 3}
+N_SUMS = {"dog": 3, "momo": 3, "momo_adam": 3}
+#: Values the step-size kernel hands to the update kernel (coefs): [ok, eta, aux, and for MoMo
+#: the model's scalars: f̄_k, lb_k, <d_k, x_k>, gamma_k, ||d_k||^2 (D-weighted for MoMo-Adam),
+#: rho_k, the seeding flag of the first step, 1 - beta2^k].
+N_COEFS = 11
 
 
 META_COLS = 6
@@ -91,6 +96,17 @@ def _hparam_values(method: str, hp: dict) -> list[float]:
         return [hp["max_norm"], hp["momentum"]]
     if method == "nsgdm":
         return [hp["beta"]]
+    if method == "momo":
+        # 1 - beta and log(beta) rounded once here from the float64 values, as the reference
+        # rounds its Python-float scalars into float32 math
+        beta = hp["beta"]
+        return [beta, 1.0 - beta, hp["lb"], hp["weight_decay"], float(hp["bias_correction"]),
+                float(hp["use_fstar"]), math.log(beta) if beta > 0 else 0.0]
+    if method == "momo_adam":
+        b1, b2 = hp["betas"]
+        return [b1, 1.0 - b1, b2, 1.0 - b2, hp["eps"], hp["lb"], hp["weight_decay"],
+                float(hp["divide"]), float(hp["use_fstar"]), math.log(b1) if b1 > 0 else 0.0,
+                math.log(b2) if b2 > 0 else 0.0]
     raise ValueError(f"unknown method: {method!r}")
 
 
@@ -175,31 +191,70 @@ def _block_indices(start, off, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_GRAD: tl.constexpr):
-    """This block's terms of the method's sums (s0, s1, s2). Without a gradient (HAS_GRAD False,
-    DoG only) the tensor counts in the sums over the iterate, not in ||d||^2."""
+def _one_minus_power(step, log_beta):
+    """1 - beta^k for the step being taken, k = step + 1 (a bias correction), in float64 from
+    log(beta) (hparams): 1 - beta^k written out in float32 loses 1e-5 relative for beta = 0.999.
+    beta = 0 (log_beta 0 by _hparam_values): 1. The reduce, step-size and update kernels call
+    this same code, so all see bitwise the same value."""
+    k = (step + 1.0).to(tl.float64)
+    value = 1.0 - tl.exp(k * log_beta.to(tl.float64))
+    return tl.where(log_beta == 0.0, 1.0, value.to(tl.float32))
+
+
+@triton.jit
+def _momo_direction(g, d, v, c0, c1, c2, c3, c4, c5, ADAM: tl.constexpr):
+    """MoMo's d_k = beta d + (1 - beta) g (c0, c1; c2: the first step without bias correction,
+    which starts d at g); MoMo-Adam's d_k and v_k = beta2 v + (1 - beta2) g^2 (c2, c3) and
+    D_k = sqrt(v_k / (1 - beta2^k)) + eps (c4, c5). Returns d_k, v_k, D_k."""
+    if ADAM:
+        d_new = c0 * d + c1 * g
+        v_new = c2 * v + c3 * g * g
+        return d_new, v_new, tl.sqrt(v_new / c4) + c5
+    else:
+        d_new = c0 * tl.where(c2 != 0.0, g, d) + c1 * g
+        return d_new, v, 1.0 + 0.0 * g
+
+
+@triton.jit
+def _reduce_block(x_ptr, g_ptr, b_ptr, b1_ptr, idx, mask, inv_scale, c0, c1, c2, c3, c4, c5,
+                  METHOD: tl.constexpr, MASKED: tl.constexpr, HAS_GRAD: tl.constexpr):
+    """This block's terms of the method's sums (s0, s1, s2). The c's are the method's
+    coefficients of this step (_reduce_kernel). Without a gradient (HAS_GRAD False, DoG only)
+    the tensor counts in the sums over the iterate, not in ||d||^2."""
     if METHOD == "dog":
         x = _load(x_ptr, idx, mask, MASKED)
         x0 = _load(b_ptr, idx, mask, MASKED)
         if HAS_GRAD:
             g = _load(g_ptr, idx, mask, MASKED) * inv_scale  # unscaled as loaded (GradScaler)
-            d = g + wd * x                                    # coupled weight decay
+            d = g + c0 * x                                    # coupled weight decay
             d_sq = d * d
         else:
             d_sq = 0.0 * x
         return d_sq, (x - x0) * (x - x0), x0 * x0         # ||d||^2, ||x - x0||^2, ||x0||^2
     g = _load(g_ptr, idx, mask, MASKED) * inv_scale      # unscaled as it is loaded (GradScaler)
     if METHOD == "nsgdm":
-        m = beta_t * _load(b_ptr, idx, mask, MASKED) + (1.0 - beta_t) * g  # m_t, stored later
+        m = c0 * _load(b_ptr, idx, mask, MASKED) + (1.0 - c0) * g  # m_t, stored later
         return m * m, 0.0 * g, 0.0 * g
+    elif METHOD == "momo" or METHOD == "momo_adam":   # d_k (and v_k) stored later, by the update
+        x = _load(x_ptr, idx, mask, MASKED)
+        d = _load(b_ptr, idx, mask, MASKED)
+        if METHOD == "momo_adam":
+            v = _load(b1_ptr, idx, mask, MASKED)
+        else:
+            v = 0.0 * g
+        d_new, v_new, D = _momo_direction(g, d, v, c0, c1, c2, c3, c4, c5, METHOD == "momo_adam")
+        if METHOD == "momo_adam":
+            d_sq = d_new * (d_new / D)                   # sum d_k^2 / D_k
+        else:
+            d_sq = d_new * d_new                         # ||d_k||^2
+        return d_sq, g * x, d_new * x                    # , <g_k, x_k>, <d_k, x_k>
     else:
         return g * g, 0.0 * g, 0.0 * g
 
 
 @triton.jit
-def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD: tl.constexpr,
-                  BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr):
+def _reduce_range(x_ptr, g_ptr, b_ptr, b1_ptr, start, end, inv_scale, c0, c1, c2, c3, c4, c5,
+                  METHOD: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr):
     """The block-wise terms of the method's sums over [start, end) (summed by the caller)."""
     acc0 = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK], tl.float32)
@@ -207,19 +262,35 @@ def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD
     n_full = (end - start) // BLOCK * BLOCK
     for off in range(0, n_full, BLOCK):
         idx, mask = _block_indices(start, off, end, BLOCK)
-        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD,
-                                    False, HAS_GRAD)
+        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, b1_ptr, idx, mask, inv_scale, c0, c1,
+                                    c2, c3, c4, c5, METHOD, False, HAS_GRAD)
         acc0 += a0
         acc1 += a1
         acc2 += a2
     if n_full < end - start:
         idx, mask = _block_indices(start, n_full, end, BLOCK)
-        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, wd, beta_t, METHOD,
-                                    True, HAS_GRAD)
+        a0, a1, a2 = _reduce_block(x_ptr, g_ptr, b_ptr, b1_ptr, idx, mask, inv_scale, c0, c1,
+                                    c2, c3, c4, c5, METHOD, True, HAS_GRAD)
         acc0 += a0
         acc1 += a1
         acc2 += a2
     return acc0, acc1, acc2
+
+
+@triton.jit
+def _momo_coefficients(scalars, hparams, METHOD: tl.constexpr):
+    """The coefficients of _momo_direction for this step, from the hyperparameters and the step
+    count (read before the step-size kernel counts the step). MoMo: beta, 1 - beta, whether this
+    is the first step without bias correction; MoMo-Adam: beta1, 1 - beta1, beta2, 1 - beta2,
+    1 - beta2^k, eps."""
+    step = tl.load(scalars + 0)
+    if METHOD == "momo_adam":
+        return (tl.load(hparams + 0), tl.load(hparams + 1), tl.load(hparams + 2),
+                tl.load(hparams + 3), _one_minus_power(step, tl.load(hparams + 10)),
+                tl.load(hparams + 4))
+    else:
+        seed = tl.where((step == 0.0) & (tl.load(hparams + 4) == 0.0), 1.0, 0.0)
+        return tl.load(hparams + 0), tl.load(hparams + 1), seed, 0.0, 1.0, 0.0
 
 
 # Pointer arguments the caller owns (the first parameter of the group, the scalars, GradScaler's
@@ -231,37 +302,47 @@ def _reduce_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, wd, beta_t, METHOD
 def _reduce_kernel(meta, gptrs, chunks, like, partials, scalars, hparams, grad_scale, chunk_size,
                    n_slots, slot0, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr,
                    WHOLE: tl.constexpr, BLOCK: tl.constexpr):
-    # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B).
-    # Writes one float per chunk and per sum. grad_scale: GradScaler's scale (1.0 without one).
+    # Traffic: reads g (4N B for fp32); DoG also reads x and x0 (12N B); NSGD-M also reads m (8N B);
+    # MoMo reads x and d (12N B), MoMo-Adam x, d and v (16N B). Writes one float per chunk and
+    # per sum. grad_scale: GradScaler's scale (1.0 without one).
     # WHOLE: some tensors may come without a gradient (g = 0 in the table); they are not stepped
     # but count in the quantities over the whole iterate (DoG's distances).
     pid, x, g, b, b1, start, end, lr_slot, aligned = _chunk(meta, gptrs, chunks, chunk_size)
     inv_scale = 1.0 / tl.load(grad_scale)
-    wd = 0.0
-    beta_t = 0.0
+    c0 = 0.0
+    c1 = 0.0
+    c2 = 0.0
+    c3 = 0.0
+    c4 = 1.0
+    c5 = 0.0
     if METHOD == "dog":
-        wd = tl.load(hparams + 1)
+        c0 = tl.load(hparams + 1)                                         # weight decay
     if METHOD == "nsgdm":
-        beta_t = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)
+        c0 = _nsgdm_beta(tl.load(scalars + 0), tl.load(hparams + 0), AGNOSTIC)  # beta_t
+    if METHOD == "momo" or METHOD == "momo_adam":
+        c0, c1, c2, c3, c4, c5 = _momo_coefficients(scalars, hparams, METHOD)
     acc0 = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     if g != 0:
         if aligned:  # the same loop twice: with 16-byte vector loads, and with scalar ones
             acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, True), _as_ptr(g, like, True),
-                                             _as_ptr(b, like, True), start, end, inv_scale, wd,
-                                             beta_t, METHOD, BLOCK, True)
+                                             _as_ptr(b, like, True), _as_ptr(b1, like, True),
+                                             start, end, inv_scale, c0, c1, c2, c3, c4, c5,
+                                             METHOD, BLOCK, True)
         else:
             acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
-                                             _as_ptr(b, like, False), start, end, inv_scale, wd,
-                                             beta_t, METHOD, BLOCK, True)
+                                             _as_ptr(b, like, False), _as_ptr(b1, like, False),
+                                             start, end, inv_scale, c0, c1, c2, c3, c4, c5,
+                                             METHOD, BLOCK, True)
     elif WHOLE and METHOD == "dog":  # no gradient: only the distances (scalar loads: rare)
         acc0, acc1, acc2 = _reduce_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
-                                         _as_ptr(b, like, False), start, end, inv_scale, wd,
-                                         beta_t, METHOD, BLOCK, False)
+                                         _as_ptr(b, like, False), _as_ptr(b1, like, False),
+                                         start, end, inv_scale, c0, c1, c2, c3, c4, c5, METHOD,
+                                         BLOCK, False)
     slot = slot0 + pid
     tl.store(partials + slot, tl.sum(acc0, axis=0))
-    if METHOD == "dog":
+    if METHOD == "dog" or METHOD == "momo" or METHOD == "momo_adam":
         tl.store(partials + n_slots + slot, tl.sum(acc1, axis=0))
         tl.store(partials + 2 * n_slots + slot, tl.sum(acc2, axis=0))
 
@@ -276,9 +357,21 @@ def _ordered_sum(ptr, n, BLOCK: tl.constexpr):
     return total
 
 
+@triton.jit
+def _momo_step_size(lb_k, f_avg, dx, gamma, d_sq, rho, alpha, wd, TINY_GRAD_SQ: tl.constexpr):
+    """MoMo's tau = min(alpha / rho, t), t = max(w (f̄ - rho lb) + <d, x> - w gamma, 0) / ||d||^2
+    with w = 1 + alpha lambda (+inf for a numerically zero direction: tau is then the cap). The
+    step-size kernel (for the first lr, the scalars) and the update kernel (for each lr) call this
+    same code."""
+    w = 1.0 + alpha * wd
+    numerator = w * (f_avg - rho * lb_k) + dx - w * gamma
+    t = tl.where(d_sq > TINY_GRAD_SQ, tl.maximum(numerator, 0.0) / d_sq, float("inf"))
+    return tl.minimum(alpha / rho, t)
+
+
 @triton.jit(do_not_specialize=["n_slots"],
             do_not_specialize_on_alignment=["partials", "loss_ptr", "found_inf", "scalars"])
-def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, coefs,
+def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, lrs, coefs,
                       METHOD: tl.constexpr, HAS_LOSS: tl.constexpr, TRACK_BEST: tl.constexpr,
                       AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr, TINY_GRAD_SQ: tl.constexpr,
                       DOG_EPS: tl.constexpr, CLIP_EPS: tl.constexpr):
@@ -341,6 +434,57 @@ def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, 
         norm = tl.sqrt(s0)
         eta = tl.minimum(tl.load(hparams + 0) / (norm + CLIP_EPS), 1.0)
         tl.store(scalars + 2, tl.where(ok, norm, tl.load(scalars + 2)))
+    elif METHOD == "momo" or METHOD == "momo_adam":
+        # The model m_k(x) = f̄_k + <d_k, x> - gamma_k of the loss, brought down to rho_k lb by
+        # tau = min(alpha / rho_k, t) (_momo_step_size). s0 = ||d_k||^2 (MoMo-Adam: sum d^2/D),
+        # s1 = <g_k, x_k>, s2 = <d_k, x_k>. hparams: momo [beta, 1-beta, lb, wd, bias
+        # correction, use_fstar, log beta]; momo_adam [beta1, 1-beta1, beta2, 1-beta2, eps, lb,
+        # wd, divide, use_fstar, log beta1, log beta2]. scalars[2:6] = tau, f̄, gamma, lb.
+        gx = _ordered_sum(partials + n_slots, n_slots, BLOCK)
+        dx = _ordered_sum(partials + 2 * n_slots, n_slots, BLOCK)
+        ok = ok & _is_finite(gx) & _is_finite(dx)
+        beta = tl.load(hparams + 0)
+        one_minus_beta = tl.load(hparams + 1)
+        if METHOD == "momo_adam":
+            lb0 = tl.load(hparams + 5)
+            wd = tl.load(hparams + 6)
+            fstar = tl.load(hparams + 8)
+            rho = _one_minus_power(step, tl.load(hparams + 9))               # 1 - beta1^k
+            bias2 = _one_minus_power(step, tl.load(hparams + 10))            # 1 - beta2^k
+            seed = 0.0
+            f_avg = one_minus_beta * loss + beta * tl.load(scalars + 3)       # f̄_k
+            gamma = beta * tl.load(scalars + 4) + one_minus_beta * gx        # gamma_k
+        else:
+            lb0 = tl.load(hparams + 2)
+            wd = tl.load(hparams + 3)
+            fstar = tl.load(hparams + 5)
+            bias2 = 1.0
+            seed = tl.where((step == 0.0) & (tl.load(hparams + 4) == 0.0), 1.0, 0.0)
+            rho = tl.where(tl.load(hparams + 4) != 0.0,
+                           _one_minus_power(step, tl.load(hparams + 6)), 1.0)
+            f_avg = beta * tl.where(seed != 0.0, loss, tl.load(scalars + 3)) + one_minus_beta * loss
+            gamma = beta * tl.where(seed != 0.0, gx, tl.load(scalars + 4)) + one_minus_beta * gx
+        alpha0 = tl.load(lrs + 0)                                   # the first param group's lr
+        lb_k = tl.where(fstar != 0.0, tl.load(scalars + 5), lb0)
+        if fstar != 0.0:  # reset: when the model lies below w rho lb, restart at half of it
+            w = 1.0 + alpha0 * wd
+            h_w = w * f_avg + dx - w * gamma
+            lb_k = tl.where(h_w < w * rho * lb_k, tl.maximum(h_w / (2.0 * w * rho), lb0), lb_k)
+        eta = _momo_step_size(lb_k, f_avg, dx, gamma, s0, rho, alpha0, wd, TINY_GRAD_SQ)
+        lb_next = lb_k
+        if fstar != 0.0:  # lb_{k+1} = (h - tau ||d||^2 / 2) / rho, never below lb
+            lb_next = tl.maximum((f_avg + dx - gamma - 0.5 * eta * s0) / rho, lb0)
+        tl.store(scalars + 3, tl.where(ok, f_avg, tl.load(scalars + 3)))
+        tl.store(scalars + 4, tl.where(ok, gamma, tl.load(scalars + 4)))
+        tl.store(scalars + 5, tl.where(ok, lb_next, tl.load(scalars + 5)))
+        tl.store(coefs + 3, f_avg)
+        tl.store(coefs + 4, lb_k)
+        tl.store(coefs + 5, dx)
+        tl.store(coefs + 6, gamma)
+        tl.store(coefs + 7, s0)
+        tl.store(coefs + 8, rho)
+        tl.store(coefs + 9, seed)
+        tl.store(coefs + 10, bias2)
     else:  # nsgdm: eta = s_t / ||m_t||, s_t = 1 or t^(-3/4); aux = beta_t; hparams = [beta]
         aux = _nsgdm_beta(step, tl.load(hparams + 0), AGNOSTIC)
         if AGNOSTIC:
@@ -360,13 +504,14 @@ def _step_size_kernel(partials, n_slots, loss_ptr, found_inf, scalars, hparams, 
 
 
 @triton.jit
-def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
-                  METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_GRAD: tl.constexpr):
-    """x <- x - lr * eta * direction for one block (and the state buffer where there is one).
+def _update_block(x_ptr, g_ptr, b_ptr, b1_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
+                  c0, c1, c2, c3, c4, c5, METHOD: tl.constexpr, TRACK_BEST: tl.constexpr,
+                  MOMENTUM: tl.constexpr, MASKED: tl.constexpr, HAS_GRAD: tl.constexpr):
+    """x <- x - lr * eta * direction for one block (and the state buffers where there are some).
     hp1 is DoG's weight decay or clipped SGD's momentum; aux is NSGD-M's beta_t or the
-    best-iterate flag. Without a gradient (HAS_GRAD False) x is not stepped; the best iterate
-    still copies it."""
+    best-iterate flag; MoMo: eta = tau for this lr, x <- (aux x - tau d) / hp1 (aux, hp1: the
+    weight decay's factors) and c0..c5 the coefficients of _momo_direction. Without a gradient
+    (HAS_GRAD False) x is not stepped; the best iterate still copies it."""
     x = _load(x_ptr, idx, mask, MASKED)
     if not HAS_GRAD:
         if TRACK_BEST:
@@ -387,6 +532,20 @@ def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
             m = aux * _load(b_ptr, idx, mask, MASKED) + (1.0 - aux) * g
             _store(b_ptr, idx, m, mask, MASKED)
             x_new = x - (lr * eta) * m
+        elif METHOD == "momo" or METHOD == "momo_adam":
+            d = _load(b_ptr, idx, mask, MASKED)
+            if METHOD == "momo_adam":
+                v = _load(b1_ptr, idx, mask, MASKED)
+            else:
+                v = 0.0 * g
+            d_new, v_new, D = _momo_direction(g, d, v, c0, c1, c2, c3, c4, c5,
+                                              METHOD == "momo_adam")
+            _store(b_ptr, idx, d_new, mask, MASKED)
+            if METHOD == "momo_adam":
+                _store(b1_ptr, idx, v_new, mask, MASKED)
+                x_new = (aux * x - eta * (d_new / D)) / hp1     # x - tau d / D, weight decay
+            else:
+                x_new = (x - eta * d_new) / hp1                 # (x - tau d) / (1 + alpha lambda)
         else:
             if TRACK_BEST:
                 if aux != 0.0:  # this step's loss is the best so far: keep x_t
@@ -396,27 +555,28 @@ def _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
 
 
 @triton.jit
-def _update_range(x_ptr, g_ptr, b_ptr, start, end, inv_scale, lr, eta, aux, hp1,
-                  METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                  BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr):
+def _update_range(x_ptr, g_ptr, b_ptr, b1_ptr, start, end, inv_scale, lr, eta, aux, hp1,
+                  c0, c1, c2, c3, c4, c5, METHOD: tl.constexpr, TRACK_BEST: tl.constexpr,
+                  MOMENTUM: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr):
     n_full = (end - start) // BLOCK * BLOCK
     for off in range(0, n_full, BLOCK):
         idx, mask = _block_indices(start, off, end, BLOCK)
-        _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
-                      TRACK_BEST, MOMENTUM, False, HAS_GRAD)
+        _update_block(x_ptr, g_ptr, b_ptr, b1_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
+                      c0, c1, c2, c3, c4, c5, METHOD, TRACK_BEST, MOMENTUM, False, HAS_GRAD)
     if n_full < end - start:
         idx, mask = _block_indices(start, n_full, end, BLOCK)
-        _update_block(x_ptr, g_ptr, b_ptr, idx, mask, inv_scale, lr, eta, aux, hp1, METHOD,
-                      TRACK_BEST, MOMENTUM, True, HAS_GRAD)
+        _update_block(x_ptr, g_ptr, b_ptr, b1_ptr, idx, mask, inv_scale, lr, eta, aux, hp1,
+                      c0, c1, c2, c3, c4, c5, METHOD, TRACK_BEST, MOMENTUM, True, HAS_GRAD)
 
 
 @triton.jit(do_not_specialize=["chunk_size"],
             do_not_specialize_on_alignment=["like", "grad_scale"])
 def _update_kernel(meta, gptrs, chunks, like, coefs, lrs, hparams, grad_scale, chunk_size,
                    METHOD: tl.constexpr, TRACK_BEST: tl.constexpr, MOMENTUM: tl.constexpr,
-                   WHOLE: tl.constexpr, BLOCK: tl.constexpr):
+                   WHOLE: tl.constexpr, BLOCK: tl.constexpr, TINY_GRAD_SQ: tl.constexpr):
     # Traffic (fp32): reads x, g, writes x: 12N B. Momentum methods also read and write m:
-    # +8N B. Best tracking writes x_best (+4N B) on the steps that improve on the best loss.
+    # +8N B (MoMo: d; MoMo-Adam: d and v, +16N B). Best tracking writes x_best (+4N B) on the
+    # steps that improve on the best loss.
     # WHOLE: a tensor without a gradient (g = 0) is not stepped (its best copy is still made).
     pid, x, g, b, b1, start, end, lr_slot, aligned = _chunk(meta, gptrs, chunks, chunk_size)
     ok = tl.load(coefs + 0)
@@ -426,21 +586,50 @@ def _update_kernel(meta, gptrs, chunks, like, coefs, lrs, hparams, grad_scale, c
         lr = tl.load(lrs + lr_slot)
         inv_scale = 1.0 / tl.load(grad_scale)
         hp1 = 0.0
+        c0 = 0.0
+        c1 = 0.0
+        c2 = 0.0
+        c3 = 0.0
+        c4 = 1.0
+        c5 = 0.0
         if METHOD == "dog" or METHOD == "clipped_sgd":
             hp1 = tl.load(hparams + 1)
+        if METHOD == "momo" or METHOD == "momo_adam":
+            # tau for this tensor's lr alpha (the cap), from the model's scalars; the weight
+            # decay's factors: MoMo and divide=True x / (1 + alpha lambda), MoMo-Adam with
+            # divide=False x (1 - alpha lambda)
+            if METHOD == "momo_adam":
+                wd = tl.load(hparams + 6)
+                divide = tl.load(hparams + 7) != 0.0
+                c0, c1, c2, c3 = (tl.load(hparams + 0), tl.load(hparams + 1),
+                                  tl.load(hparams + 2), tl.load(hparams + 3))
+                c4, c5 = tl.load(coefs + 10), tl.load(hparams + 4)
+                aux = tl.where(divide, 1.0, 1.0 - lr * wd)
+                hp1 = tl.where(divide, 1.0 + lr * wd, 1.0)
+            else:  # MoMo's weight decay is proximal
+                wd = tl.load(hparams + 3)
+                c0, c1, c2 = tl.load(hparams + 0), tl.load(hparams + 1), tl.load(coefs + 9)
+                aux = 1.0 + 0.0 * lr
+                hp1 = 1.0 + lr * wd
+            eta = _momo_step_size(tl.load(coefs + 4), tl.load(coefs + 3), tl.load(coefs + 5),
+                                  tl.load(coefs + 6), tl.load(coefs + 7), tl.load(coefs + 8), lr,
+                                  wd, TINY_GRAD_SQ)
         if g != 0:
             if aligned:  # the same loop twice: with 16-byte vectors, and with scalars
                 _update_range(_as_ptr(x, like, True), _as_ptr(g, like, True),
-                              _as_ptr(b, like, True), start, end, inv_scale, lr, eta, aux, hp1,
-                              METHOD, TRACK_BEST, MOMENTUM, BLOCK, True)
+                              _as_ptr(b, like, True), _as_ptr(b1, like, True), start, end,
+                              inv_scale, lr, eta, aux, hp1, c0, c1, c2, c3, c4, c5, METHOD,
+                              TRACK_BEST, MOMENTUM, BLOCK, True)
             else:
                 _update_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
-                              _as_ptr(b, like, False), start, end, inv_scale, lr, eta, aux, hp1,
-                              METHOD, TRACK_BEST, MOMENTUM, BLOCK, True)
+                              _as_ptr(b, like, False), _as_ptr(b1, like, False), start, end,
+                              inv_scale, lr, eta, aux, hp1, c0, c1, c2, c3, c4, c5, METHOD,
+                              TRACK_BEST, MOMENTUM, BLOCK, True)
         elif WHOLE and TRACK_BEST:  # no gradient: not stepped, but part of the best iterate
             _update_range(_as_ptr(x, like, False), _as_ptr(g, like, False),
-                          _as_ptr(b, like, False), start, end, inv_scale, lr, eta, aux, hp1,
-                          METHOD, TRACK_BEST, MOMENTUM, BLOCK, False)
+                          _as_ptr(b, like, False), _as_ptr(b1, like, False), start, end,
+                          inv_scale, lr, eta, aux, hp1, c0, c1, c2, c3, c4, c5, METHOD,
+                          TRACK_BEST, MOMENTUM, BLOCK, False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,7 +830,7 @@ class _Plan:
         self.gptrs.write(self.watched)
         self.n_slots = max(slot0, 1)
         self.partials = torch.zeros(self.n_sums * self.n_slots, dtype=torch.float32, device=device)
-        self.coefs = torch.zeros(3, dtype=torch.float32, device=device)
+        self.coefs = torch.zeros(N_COEFS, dtype=torch.float32, device=device)
         # What the kernels read when no GradScaler hands over a scale and an inf flag.
         self.no_scale = torch.ones(1, dtype=torch.float32, device=device)
         self.no_inf = torch.zeros(1, dtype=torch.float32, device=device)
@@ -871,7 +1060,7 @@ def _launch_step(plan, method, gptrs, scalars, scale_arg, inf_arg, loss, reduce,
     has_loss = loss is not None
     loss_arg = (loss if loss.dtype == torch.float32 else loss.float()) if has_loss else scalars
     _launch(_step_size_kernel, 1,
-            (partials, n_slots, loss_arg, inf_arg, scalars, plan.hparams, plan.coefs),
+            (partials, n_slots, loss_arg, inf_arg, scalars, plan.hparams, plan.lrs, plan.coefs),
             (method, has_loss, track_best, agnostic, 1024, guards["tiny_grad_sq"],
              guards["dog_eps"], guards["clip_eps"]), 4, where)
 
@@ -880,7 +1069,8 @@ def _launch_step(plan, method, gptrs, scalars, scale_arg, inf_arg, loss, reduce,
         _launch(_update_kernel, grp.n_chunks,
                 (grp.meta, gptrs, grp.chunks, grp.like, plan.coefs, plan.lrs, plan.hparams,
                  scale_arg, cfg["chunk"]),
-                (method, track_best, momentum, whole, cfg["block"]), cfg["num_warps"], where)
+                (method, track_best, momentum, whole, cfg["block"], guards["tiny_grad_sq"]),
+                cfg["num_warps"], where)
 
 
 def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: torch.Tensor,
@@ -941,7 +1131,8 @@ def polyak_step_(method: str, params, grads, buffers: dict, lrs, loss, scalars: 
 
     track_best = bool(hparams.get("track_best", False))
     whole = method == "dog" or track_best  # the methods whose grads may hold None
-    momentum = method == "nsgdm" or (method == "clipped_sgd" and hparams["momentum"] > 0)
+    momentum = method in ("nsgdm", "momo", "momo_adam") or (
+        method == "clipped_sgd" and hparams["momentum"] > 0)
     agnostic = hparams.get("schedule") == "agnostic"
     where = _launch_target(device)
     scale_arg = plan.no_scale if grad_scale is None else grad_scale.to(device, torch.float32)

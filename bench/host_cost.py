@@ -4,7 +4,7 @@ target and launched through Triton's real launch path, only the CUDA driver is a
     python -m bench.host_cost                        # 148, 2000 and 10000 tensors, ~2 minutes
     python -m bench.host_cost --tensors 2000 --steps 300 --out /tmp/x.csv
     python -m bench.host_cost --table bench/results/host_cost_cpu_<date>.csv \
-        [--before <csv of an earlier commit>]       # the README table
+        [--before <csv of an earlier commit>]       # the table of docs/host_path.md
     python -m bench.host_cost --device cuda          # on a GPU machine: the real driver
 
 On a machine that trains on a GPU, the fused step of a model with thousands of small tensors is
@@ -67,7 +67,7 @@ SCENARIOS = ("same_grads", "new_grads", "flat_grads")
 COLUMNS = ("date", "git_sha", "host", "load_start", "load_end", "python", "torch", "triton",
            "harness", "tensors", "layout", "scenario", "repeat", "steps", "median_ms", "p20_ms",
            "p80_ms", "launches_per_step", "launch_path", "note")
-#: The targets of issue 11 (ms per step), for the table.
+#: The targets of the host path (ms per step), for the table's last column.
 TARGETS = {("same_grads", 148): 0.05, ("same_grads", 2000): 0.16, ("new_grads", 2000): 0.24,
            ("same_grads", 10000): 0.8, ("flat_grads", 2000): 0.05, ("flat_grads", 10000): 0.05}
 #: SM count of the device the launch configuration is chosen for (an H100 SXM).
@@ -279,9 +279,9 @@ def _cell(ms) -> str:
 
 
 def table(paths, before=None) -> str:
-    """The README table: per (tensors, scenario), the median over repeats of the median step
-    time, with the range over repeats, the same from the `before` CSVs if given, and the target;
-    then the conditions."""
+    """The table of docs/host_path.md: per (tensors, scenario), the median over repeats of the
+    median step time, with the range over repeats, the same from the `before` CSVs if given, and
+    the target; then the conditions."""
     rows, by_key = _read(paths)
     old = _read(before)[1] if before else None
     lines = ["| tensors | scenario | ms per step: median of runs (range) |"
@@ -321,7 +321,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure everything this many times, one after the other (default 1)")
     ap.add_argument("--table", nargs="+", metavar="CSV", default=None,
-                    help="print the README table of these CSVs and exit")
+                    help="print the docs/host_path.md table of these CSVs and exit")
     ap.add_argument("--before", nargs="+", metavar="CSV", default=None,
                     help="with --table: a column of earlier measurements to compare")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),

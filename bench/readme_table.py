@@ -1,8 +1,9 @@
-"""The README's tables: the step benchmark's, and the main job's results (bench.experiments).
+"""The docs' tables: the step benchmark's (docs/benchmarks.md), and the main job's results
+(bench.experiments, in README.md).
 
     python -m bench.readme_table bench/results/step_cpu_<date>.csv [more.csv ...]
     python -m bench.readme_table <csv> --full              # every optimizer, layout and dtype
-    python -m bench.readme_table <csv> --write README.md   # also rewrite the marked block
+    python -m bench.readme_table <csv> --write docs/benchmarks.md   # also rewrite the marked block
 
     python -m bench.readme_table --experiments                    # print the results blocks
     python -m bench.readme_table --experiments --write README.md  # rewrite them in the README
@@ -341,8 +342,8 @@ def main(argv=None) -> str:
     ap.add_argument("csv", nargs="*", type=Path)
     ap.add_argument("--full", action="store_true", help="one row per optimizer, layout and dtype")
     ap.add_argument("--write", type=Path, default=None,
-                    help="also rewrite the bench-table block of this file (e.g. README.md); "
-                         "with --experiments, its results blocks")
+                    help="also rewrite the bench-table block of this file (e.g. "
+                         "docs/benchmarks.md); with --experiments, its results blocks")
     ap.add_argument("--experiments", action="store_true",
                     help="the main job's results blocks (from --folder) instead of a step table")
     ap.add_argument("--folder", type=Path, default=RESULTS,

@@ -23,8 +23,8 @@ What is measured, per (optimizer, layout, dtype, provider):
   * bytes: the algorithmic traffic of the method, taken from the fused kernels' traffic budget
     (polyak_fused/_kernels/polyak_step.py), the same count for every provider, so GB/s compare.
   * frac_of_floor = (bytes / copy bandwidth) / median time, where the copy bandwidth is measured
-    in the same run (a large device-to-device copy, bytes read + written): 1.0 is the floor of
-    DESIGN.md "The limit we measure against".
+    in the same run (a large device-to-device copy, bytes read + written): 1.0 is the floor
+    (bench/NOTES.md, "The floor").
   * launches: CUDA: device kernels (and memcpy/memset) per step, from torch.profiler. CPU: the
     number of top-level aten ops per step (a proxy for dispatch overhead).
   * syncs (CUDA only): host syncs per step, counted with torch.cuda.set_sync_debug_mode("warn").
@@ -32,7 +32,8 @@ What is measured, per (optimizer, layout, dtype, provider):
     `fused` (Triton JIT, possibly from the on-disk cache, + table building + one step).
 Results go to a long-format CSV (one row per measurement, written as soon as it is taken) and a
 PNG plot (``--plot-only X.csv`` redraws it); ``python -m bench.readme_table <csv>`` makes the
-README table. bench/NOTES.md has the floor, the traffic budget and how to run it on a GPU.
+tables of docs/benchmarks.md. bench/NOTES.md has the floor, the traffic budget and how to run it
+on a GPU.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ How a step knows that the gradients are still the views, in O(1):
   * A gradient replaced while someone keeps a reference to the old view leaves the count as it
     was; the spot check (two parameters per step, in turn) finds it within n / 2 steps. So is a
     parameter that was frozen (requires_grad False, hence no view) when the views were made and
-    has a .grad now. These are the cases the O(1) check does not see at once: README, "Flat
-    gradients".
+    has a .grad now. These are the cases the O(1) check does not see at once:
+    docs/host_path.md, "Flat gradients".
   * The param groups (the list, each group's params list and its length) are compared by
     identity at every step.
 When a check fails, the step takes the default path (it reads every ``.grad`` as it is) and the
@@ -173,7 +173,7 @@ class FlatGrads:
                 f"referenced elsewhere, so this step looked at every tensor (the default path); "
                 f"the views are installed again. If this happens at every step, the flat mode "
                 f"saves nothing: clear gradients with opt.zero_grad(), not model.zero_grad(), "
-                f"and do not assign .grad (README, 'Flat gradients').", stacklevel=2)
+                f"and do not assign .grad (docs/host_path.md, 'Flat gradients').", stacklevel=2)
             self.warned = True
         same_groups = param_groups is self.groups and all(
             group["params"] is params and len(params) == n

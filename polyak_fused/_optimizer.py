@@ -100,7 +100,7 @@ def interpreter_enabled() -> bool:
 
 
 def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
-    """Decision 7 of DESIGN.md: None picks Triton for CUDA tensors, True insists, False never."""
+    """fused=None picks Triton for CUDA tensors, True insists, False never."""
     if fused is False:
         return False
     on_cuda = all(p.is_cuda for p in params)
@@ -177,7 +177,7 @@ def _caller_level() -> int:
 
 
 def _require_triton() -> None:
-    """fused=True is refused at construction where Triton cannot be imported (DESIGN.md 7)."""
+    """fused=True is refused at construction where Triton cannot be imported."""
     try:
         import triton  # noqa: F401
     except ImportError as err:
@@ -253,7 +253,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     NEEDS_LOSS: bool = True
     #: Whether the method defines a quantity over the whole iterate (DoG's distances, the best
     #: iterate): then every parameter takes part in the step, with None for a missing gradient
-    #: (not stepped, its buffers unchanged, still counted in those quantities: README,
+    #: (not stepped, its buffers unchanged, still counted in those quantities: docs/usage.md,
     #: "Parameters without a gradient"). Otherwise only the parameters with a .grad take part.
     WHOLE_ITERATE: bool = False
     #: What lr is to the method: "multiplier" (it multiplies a step size the method computes,
@@ -576,7 +576,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         grow with the number of tensors; ``zero_grad()`` zeroes the buffers in place (the views
         stay, whatever ``set_to_none`` says). If something replaces a ``.grad`` or sets it to
         None (``model.zero_grad()``, ``p.grad = t``), the next step notices, takes the default
-        path and installs the views again, with a warning. README, "Flat gradients"."""
+        path and installs the views again, with a warning. docs/host_path.md, "Flat gradients"."""
         from ._flat_grads import FlatGrads
 
         self._live.flat_grads = FlatGrads(type(self).__name__, self.param_groups)
@@ -584,7 +584,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def _init_buffer(self, name: str, p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    # ---- where the step's loss comes from (DESIGN.md decision 10) -------------------------------
+    # ---- where the step's loss comes from --------------------------------------------------------
     #: torch.amp.GradScaler.step(opt) hands this optimizer its scale and inf flag as the
     #: attributes grad_scale and found_inf (device tensors) instead of unscaling .grad itself.
     _step_supports_amp_scaling = True
@@ -643,7 +643,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         return self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
 
     def _loss_for_step(self, loss, closure_loss, watched, grad_scale, found_inf):
-        """The loss of the function whose gradient is in .grad (DESIGN.md decision 10):
+        """The loss of the function whose gradient is in .grad (docs/usage.md, "The step's loss"):
         ``loss=`` as given; else the watched sum, divided by GradScaler's scale; else the
         closure's return value; else None."""
         if loss is not None:

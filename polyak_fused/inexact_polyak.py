@@ -75,15 +75,19 @@ class InexactPolyak(PolyakFamilyOptimizer):
         l* the method does not descend; with a loose l* far below the reachable loss the steps
         stay long and the iterates bounce (their size is of order (f - l*)/sqrt(T)).
 
-    Example:
+    Example (the loss is watched before the backward, then a bare ``step()``):
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = InexactPolyak(model.parameters(), total_steps=100)
         >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
         >>> for _ in range(100):
         ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss = opt.watch_loss(torch.nn.functional.mse_loss(model(x), y))
         ...     loss.backward()
-        ...     _ = opt.step(loss=loss)
+        ...     _ = opt.step()
+        >>> int(opt.scalars["step"])
+        100
+
+    Alternatively, pass the loss after the backward: ``opt.step(loss=loss)``.
     """
 
     METHOD = "inexact_polyak"

@@ -112,7 +112,7 @@ def test_gpt2_layout_is_gpt2_small():
 
 def test_traffic_budget():
     f32, bf16 = torch.float32, torch.bfloat16
-    assert step_benchmark.bytes_per_param("inexact_polyak", f32) == 16   # DESIGN.md's floor
+    assert step_benchmark.bytes_per_param("inexact_polyak", f32) == 16   # bench/NOTES.md
     assert step_benchmark.bytes_per_param("inexact_polyak", bf16) == 8
     assert step_benchmark.bytes_per_param("dog", f32) == 24
     assert step_benchmark.bytes_per_param("nsgdm", f32) == 28

@@ -1,6 +1,6 @@
 """python -m bench.gpu_check, the command for the GPU proof, on the CPU: its plan, and its whole
 pipeline with --allow-cpu on the GPU-only tests (which skip here), so that the command works on
-the day a GPU is lent. What it checks on a GPU is in the tests it runs."""
+the day a GPU is available. What it checks on a GPU is in the tests it runs."""
 
 from __future__ import annotations
 

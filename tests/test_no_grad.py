@@ -1,7 +1,7 @@
 """Parameters whose .grad is None (torch's default zero_grad(set_to_none=True), an unused branch, a
 layer unfrozen later): as in torch.optim, such a parameter is not stepped and its buffers stay as
 they are; the quantities a method defines over the whole iterate still cover it (DoG's
-||x_t - x_0|| and ||x_0||, the best iterate of InexactPolyak). README, "Parameters without a
+||x_t - x_0|| and ||x_0||, the best iterate of InexactPolyak). docs/usage.md, "Parameters without a
 gradient".
 
 Each test runs every optimizer twice on the same problem, once with None for the idle parameter and

@@ -1,7 +1,7 @@
 """What `pip install` puts into site-packages, and what the source distribution carries: the wheel's
 only top-level package is polyak_fused (the kernels and the host pass are its subpackages, the C++
 source of the host pass inside), its license metadata is in the current (SPDX) form, and the sdist
-holds everything its tests need (tests/, their helpers and data, bench/, the README they run)."""
+holds everything its tests need (tests/, their helpers and data, bench/, the README and docs/ pages whose examples they run)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_the_sdist_holds_what_its_tests_need(built):
     for needed in ("tests/conftest.py", "tests/helpers.py", "tests/eager_helpers.py",
                    "tests/data/old_checkpoint_e9a6c3b.pt", "bench/layouts.py",
                    "bench/fakecuda/stub_libcuda.c", "bench/fakecuda/__init__.py",
-                   "README.md", "LICENSE", "pyproject.toml",
+                   "README.md", "docs/usage.md", "LICENSE", "pyproject.toml",
                    "polyak_fused/_host_pass/host_pass.cpp"):
         assert needed in names, needed
     assert not any("__pycache__" in n for n in names)

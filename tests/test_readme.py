@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs, as a user would run it, in a fresh process.
+"""Every ```python block of README.md and of the pages under docs/ runs, as a user would run it,
+in a fresh process.
 
 A block whose first line is `# torchrun --nproc_per_node N ...` is written to a file and run as
 N CPU processes (gloo), each given the environment torchrun gives its workers (RANK, WORLD_SIZE,
@@ -29,11 +30,15 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 def readme_blocks():
-    text = (ROOT / "README.md").read_text()
+    """The README's blocks (ids "line<N>"), then each docs page's ("docs/<page>:line<N>")."""
+    pages = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
     blocks = []
-    for match in BLOCK.finditer(text):
-        line = text.count("\n", 0, match.start()) + 1
-        blocks.append(pytest.param(match.group(1), id=f"line{line}"))
+    for page in pages:
+        text = page.read_text()
+        prefix = "" if page.name == "README.md" else f"{page.relative_to(ROOT).as_posix()}:"
+        for match in BLOCK.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            blocks.append(pytest.param(match.group(1), id=f"{prefix}line{line}"))
     return blocks
 
 
@@ -72,7 +77,7 @@ def test_readme_block_runs(code, tmp_path):
         for proc in procs:
             proc.kill()
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"README block failed (rank {rank} of {world}):\n{code}\n" \
+        assert proc.returncode == 0, f"block failed (rank {rank} of {world}):\n{code}\n" \
                                      f"--- output ---\n{out[-6000:]}"
 
 

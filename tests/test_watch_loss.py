@@ -1,4 +1,4 @@
-"""The step's loss is the loss of the function whose gradient is in .grad (DESIGN.md decision 10):
+"""The step's loss is the loss of the function whose gradient is in .grad (docs/usage.md):
 `watch_loss`, a bare `step()`, gradient accumulation, closures, and the rules for combinations.
 
 The main check: N micro-batches accumulated through `watch_loss` take the same step as one big

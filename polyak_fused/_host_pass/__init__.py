@@ -53,7 +53,7 @@ def _choose(choice: str):
         warnings.warn(
             f"polyak_fused: the C++ host pass could not be built, so each fused step checks its "
             f"tensors from Python, which costs about 1 us per tensor on the host (20-30x the "
-            f"C++ pass; README, 'Host cost of a step'). Install a C++ compiler, or use "
+            f"C++ pass; docs/host_path.md). Install a C++ compiler, or use "
             f"opt.flatten_grads(), whose step does not grow with the tensor count. Reason: {e}. "
             f"(POLYAK_HOST_PASS=python silences this warning.)", RuntimeWarning, stacklevel=3)
         return reference

@@ -12,7 +12,7 @@ One step, for all tensors of one (device, dtype) group at a time, with no host s
                           the step size (or skips the whole step if it was not finite).
 
 Why a separate one-program kernel for 2 instead of computing the step size in every program of 3
-(DESIGN.md decision 4 names two phases): the method's scalar state (DecSPS's bound, AdaSPS's gap
+(two phases would save a launch): the method's scalar state (DecSPS's bound, AdaSPS's gap
 sum, DoG's G, the step counter...) must be written exactly once per step and read by every
 program; inside one launch that is a race, and across dtype groups it would be written once per
 group. The extra launch moves a few hundred bytes; its cost on a GPU is still to be measured
@@ -758,7 +758,7 @@ class _Plan:
         grow with n: the tensors are compared SPOT_CHECKS_PER_STEP at a time, in turn, and a
         weak reference to each parameter's and buffer's storage flags its release at once. A
         tensor moved while its old storage stays alive is found within n / SPOT_CHECKS_PER_STEP
-        steps (README, "Flat gradients")."""
+        steps (docs/host_path.md, "Flat gradients")."""
 
     def __init__(self, method, hp, params, grads, bufs, lr_slots, n_lr_slots, device,
                  grads_token):

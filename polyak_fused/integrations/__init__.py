@@ -1,5 +1,5 @@
 """Thin integrations with training frameworks, one module per framework, each imported only when
-used (``polyak_fused`` itself never imports a framework; DESIGN.md decision 11):
+used (``polyak_fused`` itself never imports a framework):
 
 * ``polyak_fused.integrations.hf``: Hugging Face ``Trainer`` (``attach(trainer)``);
 * ``polyak_fused.integrations.lightning``: Lightning (``PolyakCallback``).

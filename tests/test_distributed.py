@@ -263,14 +263,18 @@ def _packing(rank):
                                                                   out_no_loss[1].item())}
 
 
+#: The methods whose fused path runs on FSDP2 shards in the job.
+FUSED_SHARDED = ["InexactPolyak", "MoMoAdam"]
+
+
 def _scenarios():
     out = {f"ddp/{n}": (lambda r, n=n: _ddp(r, n)) for n in OPTIMIZERS}
     out.update({f"ddp_watched/{n}": (lambda r, n=n: _ddp_watched(r, n)) for n in OPTIMIZERS})
     out["ddp_per_rank_loss/InexactPolyak"] = lambda r: _ddp(r, "InexactPolyak", average_loss=False)
     out.update({f"fsdp/{n}": (lambda r, n=n: _sharded(r, n, (WORLD,))) for n in OPTIMIZERS})
     out["hsdp/DoG"] = lambda r: _sharded(r, "DoG", (WORLD, 1))
-    out["fsdp_fused_fp32/InexactPolyak"] = lambda r: _sharded(
-        r, "InexactPolyak", (WORLD,), dtype=torch.float32, fused=True)
+    out.update({f"fsdp_fused_fp32/{n}": (lambda r, n=n: _sharded(
+        r, n, (WORLD,), dtype=torch.float32, fused=True)) for n in FUSED_SHARDED})
     out["fsdp_state_dict/DoG"] = lambda r: _fsdp_state_dict(r, "DoG")
     out["fsdp_state_dict/InexactPolyak"] = lambda r: _fsdp_state_dict(r, "InexactPolyak")
     out["nonfinite/ddp"] = lambda r: _nonfinite_on_one_rank(r, sharded=False)
@@ -396,10 +400,12 @@ def test_hsdp_replicated_shards_count_once(job):
         assert res["all_reduces"] == STEPS
 
 
-def test_fsdp2_fused_path_matches_one_process(job):
-    """The Triton path (interpreted on CPU) on local shards, zero-size ones included, fp32."""
-    ranks = result(job, "fsdp_fused_fp32/InexactPolyak")
-    expected, _ = single_process_run("InexactPolyak", dtype=torch.float32, fused=False)
+@pytest.mark.parametrize("name", FUSED_SHARDED)
+def test_fsdp2_fused_path_matches_one_process(job, name):
+    """The Triton path (interpreted on CPU) on local shards, zero-size ones included, fp32: one
+    sum (InexactPolyak) and MoMo-Adam's three (<g, x>, <d, x>, sum d^2 / D) all-reduced."""
+    ranks = result(job, f"fsdp_fused_fp32/{name}")
+    expected, _ = single_process_run(name, dtype=torch.float32, fused=False)
     for r, res in enumerate(ranks):
         assert_params_close(res["params"], expected, f"fused FSDP2 rank {r}", rtol=1e-5, atol=1e-6)
         assert res["all_reduces"] == STEPS

@@ -1,5 +1,6 @@
 """What every optimizer of the package shares: the loss argument, the global scalar state,
-validation, and the choice between the fused Triton path and the eager reference.
+validation, and the choice of path: the fused Triton kernels, the multi-tensor (foreach) path or
+the eager reference (docs/paths.md).
 
 A subclass declares:
   METHOD          the name of its step rule (the key of the fused kernels' METHOD flag);
@@ -120,6 +121,31 @@ def use_fused_path(fused: bool | None, params: list[torch.Tensor]) -> bool:
             "fused=True needs CUDA tensors (or TRITON_INTERPRET=1 to run the Triton kernels on the "
             "CPU); got parameters on " + ", ".join(sorted({str(p.device) for p in params})))
     return True
+
+
+def choose_path(fused: bool | None, foreach: bool | None, params: list[torch.Tensor]) -> str:
+    """"fused", "foreach" or "reference", with torch.optim's meaning of the two switches:
+    fused=True takes the kernels, foreach=True the foreach path, foreach=False the reference;
+    with neither True (None: the default), the kernels where they take the tensors (CUDA, not
+    float64), else the foreach path."""
+    if fused is True:
+        use_fused_path(True, params)  # (raises where the kernels cannot take the tensors)
+        return "fused"
+    if foreach is True:
+        return "foreach"
+    if foreach is False:
+        return "reference"
+    return "fused" if use_fused_path(fused, params) else "foreach"
+
+
+def check_paths(fused, foreach) -> None:
+    """Each switch is None, True or False, and at most one is True."""
+    for name, value in (("fused", fused), ("foreach", foreach)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (expected None, True or False)")
+    if fused is True and foreach is True:
+        raise ValueError("Invalid foreach: True with fused=True: pick one path (fused=True takes "
+                         "the Triton kernels, foreach=True the torch._foreach_* path)")
 
 
 def as_loss_tensor(loss, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -263,15 +289,14 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     #: method as its paper runs it).
     LR_ROLE: str = "multiplier"
 
-    def __init__(self, params, defaults: dict, *, fused: bool | None, process_group=None,
-                 average_loss: bool = True):
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(f"Invalid fused: {fused!r} (expected None, True or False)")
+    def __init__(self, params, defaults: dict, *, fused: bool | None, foreach: bool | None = None,
+                 process_group=None, average_loss: bool = True):
+        check_paths(fused, foreach)
         if fused is True:
             _require_triton()
         if "lr" in defaults:
             check_lr(defaults["lr"])
-        self.fused = fused
+        self.fused, self.foreach = fused, foreach
         self.process_group, self.average_loss = distributed.check_options(process_group,
                                                                           average_loss)
         self._live = _Live()
@@ -482,12 +507,14 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["fused"] = self.fused
+        state["foreach"] = self.__dict__.get("foreach")
         state["average_loss"] = self.__dict__.get("average_loss", True)
         return state  # process_group is not carried: a copy is a single-process optimizer
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("fused", None)
+        self.__dict__.setdefault("foreach", None)
         self.__dict__.setdefault("average_loss", True)
         self.__dict__.setdefault("process_group", None)
         self._live = _Live()  # (the fused cache's tables point at the tensors of the original)
@@ -536,7 +563,7 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         # last step took the fused path with these parameters: then the launcher refuses it
         # itself, before it launches anything, and this pass over the grads is saved.
         last = self._fused_cache.get("param_set")
-        if not (same_params and last is not None and last[2]) and any(
+        if not (same_params and last is not None and last[2] == "fused") and any(
                 g is not None and g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         slots = tuple(slots)
@@ -556,8 +583,8 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                 and cached[1] == params[0].device:
             return cached[1], cached[2], cached[3]
         device = self._device(params)
-        fused = use_fused_path(self.fused, params)
-        self._fused_cache["host_pass"] = _host_pass.implementation() if fused else None
+        path = choose_path(self.fused, self.__dict__.get("foreach"), params)
+        self._fused_cache["host_pass"] = _host_pass.implementation() if path == "fused" else None
         buffers = {name: [] for name in self.BUFFERS}
         for p in params if buffers else ():  # (no empty state entries, as in torch.optim)
             st = self.state[p]
@@ -566,8 +593,16 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
                     st[name] = self._init_buffer(name, p)
                 out.append(st[name])
         buffers = {name: tuple(out) for name, out in buffers.items()}
-        self._fused_cache["param_set"] = (params, device, fused, buffers)
-        return device, fused, buffers
+        self._fused_cache["param_set"] = (params, device, path, buffers)
+        return device, path, buffers
+
+    @property
+    def path(self) -> str:
+        """The implementation a step takes on these parameters: "fused" (the Triton kernels),
+        "foreach" (torch._foreach_* ops) or "reference" (the eager specification); set by the
+        ``fused`` and ``foreach`` arguments and the parameters' device (docs/paths.md)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return choose_path(self.fused, self.__dict__.get("foreach"), params)
 
     def flatten_grads(self) -> None:
         """Opt in to flat gradients: the optimizer keeps every gradient in one buffer per
@@ -708,20 +743,22 @@ class PolyakFamilyOptimizer(torch.optim.Optimizer):
         scalars = self._packed_scalars
         loss_t = None if step_loss is None else as_loss_tensor(step_loss, scalars.device,
                                                                 scalars.dtype)
-        _, fused, buffers = self._param_set(params)  # may create state: after every check
+        _, path, buffers = self._param_set(params)  # may create state: after every check
         amp = dict(grad_scale=grad_scale, found_inf=found_inf)
         self._live.calls += 1
         self._live.last_loss = loss_t
         if self.LR_ROLE == "multiplier":
             self._check_lr_schedule()
         with distributed.reduction_for(self, params, grads, buffers) as (params, grads, buffers):
-            self._run(params, grads, buffers, lrs, loss_t, fused, amp)
+            self._run(params, grads, buffers, lrs, loss_t,
+                      dict(fused=path == "fused", foreach=path == "foreach"), amp)
         if flat is not None and not on_views:  # a .grad was not its view: put the views back
             flat.repair(self.param_groups)
         return result
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
-        """Call the method's functional form; amp = dict(grad_scale=..., found_inf=...)."""
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
+        """Call the method's functional form; path = dict(fused=..., foreach=...) (the one path
+        taken is True), amp = dict(grad_scale=..., found_inf=...)."""
         raise NotImplementedError
 
     # ---- misuse that changes the method silently: warned once, without a host sync -----------

@@ -7,8 +7,10 @@ import math
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number
+from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number,
+                         check_paths)
 
 __all__ = ["AdaSPS", "adasps"]
 
@@ -33,6 +35,7 @@ class AdaSPS(PolyakFamilyOptimizer):
         lower_bound (float): l* (default 0.0).
         lr (float or tensor): multiplier on the computed step (default 1.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the norm over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -53,24 +56,25 @@ class AdaSPS(PolyakFamilyOptimizer):
     GLOBAL_HPARAMS = ("c_p", "lower_bound")
 
     def __init__(self, params, c_p: float = 1.0, lower_bound: float = 0.0, lr=1.0, *,
-                 fused: bool | None = None,
+                 fused: bool | None = None, foreach: bool | None = None,
                  process_group=None, average_loss: bool = True):
         check_number("c_p", c_p, low=0.0, low_open=True)
         check_number("lower_bound", lower_bound)
         defaults = dict(lr=lr, c_p=float(c_p), lower_bound=float(lower_bound))
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": math.inf, "gap_sum": 0.0}
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
-        adasps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
+        adasps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, **path,
                cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def adasps(params, grads, scalars, *, loss, c_p=1.0, lower_bound=0.0, lrs=1.0, grad_scale=None,
-           found_inf=None, fused=False, cache=None):
+           found_inf=None, fused=False, foreach=None, cache=None):
     """Functional form of :class:`AdaSPS` (packed scalars: step, skipped, step_size, gap_sum).
 
     Build the state once with ``AdaSPS.functional_state(params, ...)`` (the same keyword arguments
@@ -78,12 +82,24 @@ def adasps(params, grads, scalars, *, loss, c_p=1.0, lower_bound=0.0, lrs=1.0, g
     every tensor or a list of one per tensor. The hyperparameters default as in the class.
     """
     hp = dict(c_p=c_p, lower_bound=lower_bound)
+    check_paths(fused, foreach)
     if fused:
         run_fused("adasps", params, grads, {}, lrs, loss, scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_adasps(params, grads, scalars, lrs=lrs, loss=loss, **hp,
-                          grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_adasps if foreach is False else _foreach_adasps
+        step(params, grads, scalars, lrs=lrs, loss=loss, **hp, grad_scale=grad_scale,
+             found_inf=found_inf)
+
+
+def _step_size(s, loss, grad_sq, c_p, lower_bound):
+    """(the step, eta_t, the new sum of gaps)."""
+    gap = (loss - lower_bound).clamp(min=0)                              # f(x_t) - l*
+    gap_sum = s["gap_sum"] + gap                                         # sum_{s<=t} (f - l*)
+    ratio = torch.where(gap > 0, gap / (c_p * grad_sq * torch.sqrt(gap_sum)), 0.0)
+    ratio = torch.where(grad_sq > TINY_GRAD_SQ, ratio, math.inf)
+    eta = torch.minimum(ratio, s["step_size"])                           # min{ratio, eta_{t-1}}
+    return torch.where(grad_sq > TINY_GRAD_SQ, eta, 0.0), eta, gap_sum
 
 
 def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, grad_scale,
@@ -92,13 +108,21 @@ def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, gr
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
     finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
-    gap = (loss - lower_bound).clamp(min=0)                              # f(x_t) - l*
-    gap_sum = s["gap_sum"] + gap                                         # sum_{s<=t} (f - l*)
-    ratio = torch.where(gap > 0, gap / (c_p * grad_sq * torch.sqrt(gap_sum)), 0.0)
-    ratio = torch.where(grad_sq > TINY_GRAD_SQ, ratio, math.inf)
-    eta = torch.minimum(ratio, s["step_size"])                           # min{ratio, eta_{t-1}}
-    step = torch.where(grad_sq > TINY_GRAD_SQ, eta, 0.0)
+    step, eta, gap_sum = _step_size(s, loss, grad_sq, c_p, lower_bound)
     E.descend(params, grads, lrs, step, finite)                          # x <- x - lr eta g
+    E.write_if(finite, s["gap_sum"], gap_sum)
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)
+
+
+def _foreach_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, grad_scale,
+                    found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+                                                                   scalars.dtype))
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    step, eta, gap_sum = _step_size(s, loss, grad_sq, c_p, lower_bound)
+    F.descend(params, grads, lrs, step, finite, F.inverse_scale(grad_scale, params[0]))
     E.write_if(finite, s["gap_sum"], gap_sum)
     E.write_if(finite, s["step_size"], eta)
     E.count_step(s, finite)

@@ -7,8 +7,9 @@ import math
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number
+from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number, check_paths
 
 __all__ = ["ClippedSGD", "clipped_sgd"]
 
@@ -36,6 +37,7 @@ class ClippedSGD(PolyakFamilyOptimizer):
         max_norm (float): clipping threshold c > 0 (default inf: no clipping).
         momentum (float): mu in [0, 1) (default 0.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the norm over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -53,7 +55,7 @@ class ClippedSGD(PolyakFamilyOptimizer):
     LR_ROLE = "learning_rate"  # schedules are the user's to choose
 
     def __init__(self, params, lr, max_norm: float = math.inf, momentum: float = 0.0, *,
-                 fused: bool | None = None,
+                 fused: bool | None = None, foreach: bool | None = None,
                  process_group=None, average_loss: bool = True):
         if not torch.is_tensor(lr):
             check_number("lr", lr, low=0.0)
@@ -62,7 +64,8 @@ class ClippedSGD(PolyakFamilyOptimizer):
         if momentum >= 1.0:
             raise ValueError(f"Invalid momentum: {momentum} (must be < 1)")
         defaults = dict(lr=lr, max_norm=float(max_norm), momentum=float(momentum))
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     @property
@@ -75,13 +78,14 @@ class ClippedSGD(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
         clipped_sgd(params, grads, buffers.get("momentum_buffer"), self._packed_scalars, lrs=lrs,
-                    loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
+                    loss=loss, **path, cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max_norm=math.inf,
-                momentum=0.0, grad_scale=None, found_inf=None, fused=False, cache=None):
+                momentum=0.0, grad_scale=None, found_inf=None, fused=False, foreach=None,
+                cache=None):
     """Functional form of :class:`ClippedSGD` (packed scalars: step, skipped, grad_norm,
     clip_coef). ``momentum_buffers`` is None when momentum is 0 (``state["momentum_buffer"]``
     otherwise); ``lrs`` (the learning rate) is required.
@@ -91,13 +95,21 @@ def clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss=None, max
     every tensor or a list of one per tensor. The hyperparameters default as in the class.
     """
     hp = dict(max_norm=max_norm, momentum=momentum)
+    check_paths(fused, foreach)
     if fused:
         bufs = {"momentum_buffer": momentum_buffers} if momentum > 0 else {}
         run_fused("clipped_sgd", params, grads, bufs, lrs, loss, scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_clipped_sgd(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp,
-                               grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_clipped_sgd if foreach is False else _foreach_clipped_sgd
+        step(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp,
+             grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _clip(grad_sq, max_norm):
+    """(||g_t||, kappa_t)."""
+    norm = torch.sqrt(grad_sq)                                        # ||g_t||
+    return norm, (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)       # kappa_t
 
 
 def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss, max_norm,
@@ -106,8 +118,7 @@ def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, los
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))
     finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
-    norm = torch.sqrt(grad_sq)                                        # ||g_t||
-    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)              # kappa_t
+    norm, coef = _clip(grad_sq, max_norm)
     if momentum > 0:
         directions = []
         for m, g in zip(momentum_buffers, grads):
@@ -117,6 +128,30 @@ def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, los
         E.descend(params, directions, lrs, torch.ones_like(coef), finite)  # x <- x - lr m
     else:
         E.descend(params, grads, lrs, coef, finite)                  # x <- x - lr kappa g
+    E.write_if(finite, s["grad_norm"], norm)
+    E.write_if(finite, s["clip_coef"], coef)
+    E.count_step(s, finite)
+
+
+def _foreach_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss, max_norm,
+                         momentum, grad_scale, found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+                                                                   scalars.dtype))
+    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
+    norm, coef = _clip(grad_sq, max_norm)
+    like, inv_scale = params[0], F.inverse_scale(grad_scale, params[0])
+    if momentum == 0:
+        F.descend(params, grads, lrs, coef, finite, inv_scale)
+    elif F.taken(finite, like):
+        kappa = F.number(coef, like) * inv_scale                      # kappa_t / S
+        minus_lrs = F.per_lr(lrs, len(params), lambda lr: F.number(-lr, like))
+        for minus_lr, (xs, ms, gs) in F.blocks_with_coefs(minus_lrs, params, momentum_buffers,
+                                                          grads):
+            with F.updating(ms, finite) as m, F.updating(xs, finite) as x:
+                torch._foreach_mul_(m, momentum)
+                F.add_(m, F.up_all(gs), kappa)                        # m = mu m + kappa g
+                F.add_(x, m, minus_lr)                                # x <- x - lr m
     E.write_if(finite, s["grad_norm"], norm)
     E.write_if(finite, s["clip_coef"], coef)
     E.count_step(s, finite)

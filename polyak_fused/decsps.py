@@ -7,8 +7,10 @@ import math
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number
+from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number,
+                         check_paths)
 
 __all__ = ["DecSPS", "decsps"]
 
@@ -34,6 +36,7 @@ class DecSPS(PolyakFamilyOptimizer):
         lower_bound (float): l* (default 0.0).
         lr (float or tensor): multiplier on the computed step (default 1.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the norm over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -54,25 +57,26 @@ class DecSPS(PolyakFamilyOptimizer):
     GLOBAL_HPARAMS = ("c0", "gamma_b", "lower_bound")
 
     def __init__(self, params, c0: float = 1.0, gamma_b: float = 10.0, lower_bound: float = 0.0,
-                 lr=1.0, *, fused: bool | None = None,
+                 lr=1.0, *, fused: bool | None = None, foreach: bool | None = None,
                  process_group=None, average_loss: bool = True):
         check_number("c0", c0, low=0.0, low_open=True)
         check_number("gamma_b", gamma_b, low=0.0, low_open=True)
         check_number("lower_bound", lower_bound)
         defaults = dict(lr=lr, c0=float(c0), gamma_b=float(gamma_b), lower_bound=float(lower_bound))
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def _initial_scalars(self):
         return {"step_size": 0.0, "bound": self.defaults["c0"] * self.defaults["gamma_b"]}
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
-        decsps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
+        decsps(params, grads, self._packed_scalars, lrs=lrs, loss=loss, **path,
                cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def decsps(params, grads, scalars, *, loss, c0=1.0, gamma_b=10.0, lower_bound=0.0, lrs=1.0,
-           grad_scale=None, found_inf=None, fused=False, cache=None):
+           grad_scale=None, found_inf=None, fused=False, foreach=None, cache=None):
     """Functional form of :class:`DecSPS` (packed scalars: step, skipped, step_size, bound).
 
     Build the state once with ``DecSPS.functional_state(params, ...)`` (the same keyword arguments
@@ -80,12 +84,23 @@ def decsps(params, grads, scalars, *, loss, c0=1.0, gamma_b=10.0, lower_bound=0.
     every tensor or a list of one per tensor. The hyperparameters default as in the class.
     """
     hp = dict(c0=c0, gamma_b=gamma_b, lower_bound=lower_bound)
+    check_paths(fused, foreach)
     if fused:
         run_fused("decsps", params, grads, {}, lrs, loss, scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_decsps(params, grads, scalars, lrs=lrs, loss=loss, **hp,
-                          grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_decsps if foreach is False else _foreach_decsps
+        step(params, grads, scalars, lrs=lrs, loss=loss, **hp, grad_scale=grad_scale,
+             found_inf=found_inf)
+
+
+def _step_size(s, loss, grad_sq, c0, lower_bound):
+    """(gamma_k, the new bound c_k gamma_k)."""
+    c_k = c0 * torch.sqrt(s["step"] + 1)                                   # c_k = c0 sqrt(k+1)
+    gap = (loss - lower_bound).clamp(min=0)                                # (f(x_k) - l*)_+
+    ratio = torch.where(grad_sq > TINY_GRAD_SQ, gap / grad_sq, math.inf)   # Polyak ratio
+    bound = torch.minimum(ratio, s["bound"])                               # c_k gamma_k
+    return torch.where(grad_sq > TINY_GRAD_SQ, bound / c_k, 0.0), bound
 
 
 def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, grad_scale,
@@ -94,13 +109,21 @@ def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_b
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_k||^2
     finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
-    c_k = c0 * torch.sqrt(s["step"] + 1)                                   # c_k = c0 sqrt(k+1)
-    gap = (loss - lower_bound).clamp(min=0)                                # (f(x_k) - l*)_+
-    ratio = torch.where(grad_sq > TINY_GRAD_SQ, gap / grad_sq, math.inf)   # Polyak ratio
-    bound = torch.minimum(ratio, s["bound"])                               # c_k gamma_k
-    gamma = bound / c_k
-    eta = torch.where(grad_sq > TINY_GRAD_SQ, gamma, 0.0)
+    eta, bound = _step_size(s, loss, grad_sq, c0, lower_bound)
     E.descend(params, grads, lrs, eta, finite)                             # x <- x - lr gamma g
+    E.write_if(finite, s["bound"], bound)
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)
+
+
+def _foreach_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, grad_scale,
+                    found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+                                                                   scalars.dtype))
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    eta, bound = _step_size(s, loss, grad_sq, c0, lower_bound)
+    F.descend(params, grads, lrs, eta, finite, F.inverse_scale(grad_scale, params[0]))
     E.write_if(finite, s["bound"], bound)
     E.write_if(finite, s["step_size"], eta)
     E.count_step(s, finite)

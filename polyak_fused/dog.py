@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number
+from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number, check_paths
 
 __all__ = ["DoG", "dog"]
 
@@ -42,6 +43,7 @@ class DoG(PolyakFamilyOptimizer):
         lr (float or tensor): multiplier (default 1.0; the authors advise leaving it at 1).
         weight_decay (float): coupled L2 coefficient lambda >= 0 (default 0.0).
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the norm over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -64,12 +66,13 @@ class DoG(PolyakFamilyOptimizer):
     WHOLE_ITERATE = True  # ||x_t - x_0|| and ||x_0|| cover the parameters without a gradient
 
     def __init__(self, params, reps_rel: float = 1e-6, lr=1.0, weight_decay: float = 0.0, *,
-                 fused: bool | None = None,
+                 fused: bool | None = None, foreach: bool | None = None,
                  process_group=None, average_loss: bool = True):
         check_number("reps_rel", reps_rel, low=0.0, low_open=True)
         check_number("weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, reps_rel=float(reps_rel), weight_decay=float(weight_decay))
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def _initial_scalars(self):
@@ -78,13 +81,13 @@ class DoG(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return p.detach().clone(memory_format=torch.preserve_format)  # x_0
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
-        dog(params, grads, buffers["x0"], self._packed_scalars, lrs=lrs, loss=loss, fused=fused,
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
+        dog(params, grads, buffers["x0"], self._packed_scalars, lrs=lrs, loss=loss, **path,
             cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def dog(params, grads, x0s, scalars, *, loss=None, reps_rel=1e-6, weight_decay=0.0, lrs=1.0,
-        grad_scale=None, found_inf=None, fused=False, cache=None):
+        grad_scale=None, found_inf=None, fused=False, foreach=None, cache=None):
     """Functional form of :class:`DoG` (packed scalars: step, skipped, step_size, rbar, G;
     ``x0s``: the initial parameters, ``state["x0"]``). ``grads`` may hold None: that parameter is
     not stepped, but counts in ||x_t - x_0|| and ||x_0||.
@@ -94,12 +97,22 @@ def dog(params, grads, x0s, scalars, *, loss=None, reps_rel=1e-6, weight_decay=0
     every tensor or a list of one per tensor. The hyperparameters default as in the class.
     """
     hp = dict(reps_rel=reps_rel, weight_decay=weight_decay)
+    check_paths(fused, foreach)
     if fused:
         run_fused("dog", params, grads, {"x0": x0s}, lrs, loss, scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_dog(params, grads, x0s, scalars, lrs=lrs, loss=loss, **hp,
-                       grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_dog if foreach is False else _foreach_dog
+        step(params, grads, x0s, scalars, lrs=lrs, loss=loss, **hp, grad_scale=grad_scale,
+             found_inf=found_inf)
+
+
+def _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel):
+    """(eta_t, rbar_t, G_t)."""
+    r_eps = reps_rel * (1 + torch.sqrt(x0_sq))                              # reps_rel (1+||x_0||)
+    rbar = torch.maximum(torch.maximum(s["rbar"], torch.sqrt(dist_sq)), r_eps)
+    G = s["G"] + grad_sq + torch.where(s["step"] == 0, DOG_EPS, 0.0)
+    return rbar / torch.sqrt(G), rbar, G                          # eta_t = rbar_t / sqrt(G_t)
 
 
 def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay, grad_scale,
@@ -108,7 +121,8 @@ def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_d
     dt = scalars.dtype
     distances = [E.up(x) - E.up(x0) for x, x0 in zip(params, x0s)]     # over every parameter
     stepped = [i for i, g in enumerate(grads) if g is not None]        # those with a gradient
-    params, grads = [params[i] for i in stepped], [grads[i] for i in stepped]
+    lrs = E.per_tensor(lrs, len(params))
+    params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     d = [E.up(g) + weight_decay * E.up(x) for g, x in zip(grads, params)]  # d_t = g_t + lambda x_t
     loss, grad_sq, dist_sq, x0_sq = E.across_ranks(
@@ -117,12 +131,57 @@ def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_d
         E.sum_of_squares(distances, dt),                                    # ||x_t - x_0||^2
         E.sum_of_squares(x0s, dt))                                          # ||x_0||^2
     finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
-    dist = torch.sqrt(dist_sq)
-    r_eps = reps_rel * (1 + torch.sqrt(x0_sq))                              # reps_rel (1+||x_0||)
-    rbar = torch.maximum(torch.maximum(s["rbar"], dist), r_eps)
-    G = s["G"] + grad_sq + torch.where(s["step"] == 0, DOG_EPS, 0.0)
-    eta = rbar / torch.sqrt(G)                                              # eta_t = rbar_t / sqrt(G_t)
+    eta, rbar, G = _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel)
     E.descend(params, d, lrs, eta, finite)                                  # x <- x - lr eta d
+    E.write_if(finite, s["rbar"], rbar)
+    E.write_if(finite, s["G"], G)
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)
+
+
+def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay, grad_scale,
+                 found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    dt, like = scalars.dtype, params[0]
+
+    def direction_sq(xs, gs):         # partial sums of ||d_t||^2 (||g||^2 without weight decay:
+        if weight_decay == 0:         # divided by S^2 below)
+            return F.dots(gs, gs)
+        d = torch._foreach_add(F.unscaled(gs, grad_scale), F.up_all(xs), alpha=weight_decay)
+        return F.dots(d, d)                                           # d_t = g_t + lambda x_t
+
+    # One pass over x, x_0 (and g, when every parameter has one): ||x_t - x_0||^2, ||x_0||^2,
+    # ||d_t||^2, block by block (each block's x_0 is read once).
+    every = all(g is not None for g in grads)
+    dist, x0_parts, d_parts = [], [], []
+    for block in F.blocks(list(params), list(x0s), *([grads] if every else [])):
+        x0 = F.up_all(block[1])
+        gap = torch._foreach_sub(F.up_all(block[0]), x0)
+        dist += F.dots(gap, gap)
+        x0_parts += F.dots(x0, x0)
+        if every:
+            d_parts += direction_sq(block[0], block[2])
+    stepped = [i for i, g in enumerate(grads) if g is not None]
+    lrs = E.per_tensor(lrs, len(params))
+    params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
+    if not every:
+        for xs, gs in F.blocks(params, grads):
+            d_parts += direction_sq(xs, gs)
+    grad_sq = F.block_sums(d_parts, dt, like.device)
+    if weight_decay == 0 and grad_scale is not None:
+        grad_sq = grad_sq / grad_scale.reshape(()).to(device=like.device, dtype=dt).square()
+    loss, grad_sq, dist_sq, x0_sq = E.across_ranks(
+        loss, grad_sq, F.block_sums(dist, dt, like.device), F.block_sums(x0_parts, dt, like.device))
+    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
+    inv_scale = F.inverse_scale(grad_scale, like)
+    eta, rbar, G = _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel)
+    if params and F.taken(finite, like):
+        coefs = F.per_lr(lrs, len(params), lambda lr: F.number(-(lr * eta), like))
+        for coef, (xs, gs) in F.blocks_with_coefs(coefs, params, grads):
+            with F.updating(xs, finite) as x:    # x <- x - lr eta (g + lambda x)
+                if weight_decay:
+                    torch._foreach_mul_(x, 1 + coef * weight_decay)
+                F.add_(x, F.up_all(gs), coef * inv_scale)
     E.write_if(finite, s["rbar"], rbar)
     E.write_if(finite, s["G"], G)
     E.write_if(finite, s["step_size"], eta)

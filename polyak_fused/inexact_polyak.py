@@ -8,9 +8,10 @@ import math
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
 from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, as_loss_tensor,
-                         check_number)
+                         check_number, check_paths)
 
 __all__ = ["InexactPolyak", "inexact_polyak"]
 
@@ -56,8 +57,15 @@ class InexactPolyak(PolyakFamilyOptimizer):
             iterate into the parameters. The paper uses it for convex problems, not for
             networks. The snapshot covers every parameter, also one whose ``.grad`` is None
             at that step (not stepped, but part of the iterate).
-        fused (bool or None): None takes the Triton kernels for CUDA tensors and the eager
-            reference otherwise; True insists on the kernels; False always takes the reference.
+        fused (bool or None): True insists on the Triton kernels (CUDA tensors, or
+            ``TRITON_INTERPRET=1``). With ``fused`` and ``foreach`` both None (the default),
+            the kernels run where they take the tensors (CUDA, not float64) and the foreach
+            path elsewhere.
+        foreach (bool or None): True takes the multi-tensor path (``torch._foreach_*`` ops:
+            the default on CPU, MPS, XPU and CUDA without Triton); False takes the eager
+            reference, the readable specification, one equation a line. As in torch.optim,
+            ``fused=False`` alone takes the foreach path; both True is an error.
+            docs/paths.md compares the three paths.
         process_group: the torch.distributed group to reduce the loss and the norm over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -96,6 +104,7 @@ class InexactPolyak(PolyakFamilyOptimizer):
 
     def __init__(self, params, total_steps: int | None, lower_bound: float = 0.0, lr=1.0,
                  track_best: bool = False, *, fused: bool | None = None,
+                 foreach: bool | None = None,
                  process_group=None, average_loss: bool = True):
         if total_steps is not None:
             _check_total_steps(total_steps)
@@ -104,7 +113,8 @@ class InexactPolyak(PolyakFamilyOptimizer):
             raise ValueError(f"Invalid track_best: {track_best!r} (expected a bool)")
         defaults = dict(lr=lr, total_steps=total_steps, lower_bound=float(lower_bound),
                         track_best=track_best)
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def set_total_steps(self, total_steps: int) -> None:
@@ -152,9 +162,9 @@ class InexactPolyak(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return p.detach().clone(memory_format=torch.preserve_format)  # x_best <- x_0
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
         inexact_polyak(params, grads, buffers.get("best"), self._packed_scalars, lrs=lrs,
-                       loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
+                       loss=loss, **path, cache=self._fused_cache, **self._hparams(), **amp)
 
     @property
     def best_loss(self) -> torch.Tensor:
@@ -187,6 +197,7 @@ def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
                    best_params: list[torch.Tensor] | None, scalars: torch.Tensor, *,
                    loss: torch.Tensor, total_steps: int, lower_bound: float = 0.0, lrs=1.0,
                    track_best: bool = False, grad_scale=None, found_inf=None, fused: bool = False,
+                   foreach: bool | None = None,
                    cache: dict | None = None) -> None:
     """Functional form of :class:`InexactPolyak`: one step over flat lists, in place.
 
@@ -209,13 +220,21 @@ def inexact_polyak(params: list[torch.Tensor], grads: list[torch.Tensor],
         1
     """
     hp = dict(total_steps=total_steps, lower_bound=lower_bound, track_best=track_best)
+    check_paths(fused, foreach)
     if fused:
         bufs = {"best": best_params} if track_best else {}
         run_fused("inexact_polyak", params, grads, bufs, lrs, loss, scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_inexact_polyak(params, grads, best_params, scalars, lrs=lrs, loss=loss, **hp,
-                                  grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_inexact_polyak if foreach is False else _foreach_inexact_polyak
+        step(params, grads, best_params, scalars, lrs=lrs, loss=loss, **hp,
+             grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _step_size(loss, grad_sq, total_steps, lower_bound):
+    gap = (loss - lower_bound).clamp(min=0)                           # (f(x_t) - l*)_+
+    return torch.where(grad_sq > TINY_GRAD_SQ,
+                       gap / (math.sqrt(total_steps) * grad_sq), 0.0)  # eq. 14
 
 
 def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
@@ -223,18 +242,38 @@ def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss,
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     iterate = list(params)                                            # x_t, every parameter
     stepped = [i for i, g in enumerate(grads) if g is not None]       # those with a gradient
-    params, grads = [params[i] for i in stepped], [grads[i] for i in stepped]
+    lrs = E.per_tensor(lrs, len(params))
+    params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
     finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
-    gap = (loss - lower_bound).clamp(min=0)                           # (f(x_t) - l*)_+
-    eta = torch.where(grad_sq > TINY_GRAD_SQ,
-                      gap / (math.sqrt(total_steps) * grad_sq), 0.0)  # eq. 14
+    eta = _step_size(loss, grad_sq, total_steps, lower_bound)
     if track_best:  # Algorithm 1: if f(x_t) <= f_best: f_best, x_best <- f(x_t), x_t
         improved = finite & (loss <= s["best_loss"])
         for x, b in zip(iterate, best_params):
             E.write_if(improved, b, x)
         E.write_if(improved, s["best_loss"], loss)
     E.descend(params, grads, lrs, eta, finite)                        # x <- x - lr * eta * g
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)
+
+
+def _foreach_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
+                            lower_bound, track_best, grad_scale, found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    iterate = list(params)
+    stepped = [i for i, g in enumerate(grads) if g is not None]
+    lrs = E.per_tensor(lrs, len(params))
+    params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
+    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+                                                                   scalars.dtype))
+    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    eta = _step_size(loss, grad_sq, total_steps, lower_bound)
+    if track_best:
+        improved = finite & (loss <= s["best_loss"])
+        F.copy_if(improved, list(best_params), iterate)
+        E.write_if(improved, s["best_loss"], loss)
+    if params:
+        F.descend(params, grads, lrs, eta, finite, F.inverse_scale(grad_scale, params[0]))
     E.write_if(finite, s["step_size"], eta)
     E.count_step(s, finite)

@@ -9,8 +9,10 @@ import math
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number)
+from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number,
+                         check_paths)
 
 __all__ = ["MoMo", "momo"]
 
@@ -82,6 +84,7 @@ class MoMo(PolyakFamilyOptimizer):
         use_fstar (bool): estimate the lower bound online, starting from and never below ``lb``
             (default False).
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the sums over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -138,7 +141,8 @@ class MoMo(PolyakFamilyOptimizer):
 
     def __init__(self, params, lr=1.0, weight_decay: float = 0, beta: float = 0.9,
                  lb: float = 0, bias_correction: bool = False, use_fstar: bool = False, *,
-                 fused: bool | None = None, process_group=None, average_loss: bool = True):
+                 fused: bool | None = None, foreach: bool | None = None, process_group=None,
+                 average_loss: bool = True):
         check_number("weight_decay", weight_decay, low=0.0)
         check_beta("beta", beta)
         check_number("lb", lb)
@@ -146,7 +150,8 @@ class MoMo(PolyakFamilyOptimizer):
         check_flag("use_fstar", use_fstar)
         defaults = dict(lr=lr, weight_decay=float(weight_decay), beta=float(beta), lb=float(lb),
                         bias_correction=bias_correction, use_fstar=use_fstar)
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def _initial_scalars(self):
@@ -155,13 +160,14 @@ class MoMo(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
         momo(params, grads, buffers["grad_avg"], self._packed_scalars, lrs=lrs, loss=loss,
-             fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
+             **path, cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def momo(params, grads, grad_avgs, scalars, *, loss, lrs=1.0, weight_decay=0, beta=0.9, lb=0,
          bias_correction=False, use_fstar=False, grad_scale=None, found_inf=None, fused=False,
+         foreach=None,
          cache=None):
     """Functional form of :class:`MoMo` (packed scalars: step, skipped, step_size, loss_avg,
     grad_dot_w, lb; ``grad_avgs``: d, ``state["grad_avg"]``); ``lrs`` is the cap alpha.
@@ -183,12 +189,14 @@ def momo(params, grads, grad_avgs, scalars, *, loss, lrs=1.0, weight_decay=0, be
     """
     hp = dict(weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction,
               use_fstar=use_fstar)
+    check_paths(fused, foreach)
     if fused:
         run_fused("momo", params, grads, {"grad_avg": grad_avgs}, lrs, loss, scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_momo(params, grads, grad_avgs, scalars, lrs=lrs, loss=loss, **hp,
-                        grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_momo if foreach is False else _foreach_momo
+        step(params, grads, grad_avgs, scalars, lrs=lrs, loss=loss, **hp,
+             grad_scale=grad_scale, found_inf=found_inf)
 
 
 # ---- what MoMo and MoMo-Adam share: the step size and the online lower bound ------------------
@@ -238,6 +246,30 @@ def per_lr(lrs, like: torch.Tensor, step_size_of) -> list:
     return out
 
 
+def model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, *, lb, use_fstar, weight_decay):
+    """The step of the model, shared by MoMo and MoMo-Adam on every path: (lb_k, (alpha, tau_k)
+    for each tensor, tau_k of the first group)."""
+    lb_k = s["lb"] if use_fstar else torch.full_like(s["lb"], lb)
+    if use_fstar:                                  # (with the first group's lr: one lb update)
+        lb_k = reset_lower_bound(lb_k, lb, f_avg, dx, gamma, rho, as_scalar(lrs[0], scalars),
+                                 weight_decay)
+    steps = per_lr(lrs, scalars, lambda alpha: step_size(            # (alpha, tau_k) per tensor
+        lb_k, f_avg, dx, gamma, d_sq, rho, alpha, weight_decay))
+    tau_first = steps[0][1]
+    if use_fstar:
+        lb_k = update_lower_bound(lb, f_avg, dx, gamma, d_sq, rho, tau_first)
+    return lb_k, steps, tau_first
+
+
+def commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first) -> None:
+    """The global state after a step of MoMo or MoMo-Adam (unchanged when skipped)."""
+    E.write_if(finite, s["loss_avg"], f_avg)
+    E.write_if(finite, s["grad_dot_w"], gamma)
+    E.write_if(finite, s["lb"], lb_k)
+    E.write_if(finite, s["step_size"], tau_first)
+    E.count_step(s, finite)
+
+
 def _reference_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay, beta, lb,
                     bias_correction, use_fstar, grad_scale, found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
@@ -256,22 +288,55 @@ def _reference_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_deca
     f_avg = beta * torch.where(seed, loss, s["loss_avg"]) + (1 - beta) * loss     # f̄_k
     gamma = beta * torch.where(seed, gx, s["grad_dot_w"]) + (1 - beta) * gx       # gamma_k
     rho = E.one_minus_power(beta, k) if bias_correction else torch.ones_like(k)  # rho_k
-    lb_k = s["lb"] if use_fstar else torch.full_like(s["lb"], lb)
-    if use_fstar:                                  # (with the first group's lr: one lb update)
-        lb_k = reset_lower_bound(lb_k, lb, f_avg, dx, gamma, rho, as_scalar(lrs[0], scalars),
-                                 weight_decay)
-    steps = per_lr(lrs, scalars, lambda alpha: step_size(            # (alpha, tau_k) per tensor
-        lb_k, f_avg, dx, gamma, d_sq, rho, alpha, weight_decay))
-    tau_first = steps[0][1]
-    if use_fstar:
-        lb_k = update_lower_bound(lb, f_avg, dx, gamma, d_sq, rho, tau_first)
+    lb_k, steps, tau_first = model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, lb=lb,
+                                        use_fstar=use_fstar, weight_decay=weight_decay)
     for x, d, dn, (alpha, tau) in zip(params, grad_avgs, d_new, steps):
         md = E.math_dtype(x)
         w = as_math(1 + alpha * weight_decay, md)                       # 1 + alpha lambda
         E.write_if(finite, x, (E.up(x) - tau.to(md) * dn) / w)          # x <- (x - tau d) / w
         E.write_if(finite, d, dn)
-    E.write_if(finite, s["loss_avg"], f_avg)
-    E.write_if(finite, s["grad_dot_w"], gamma)
-    E.write_if(finite, s["lb"], lb_k)
-    E.write_if(finite, s["step_size"], tau_first)
-    E.count_step(s, finite)
+    commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)
+
+
+def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay, beta, lb,
+                  bias_correction, use_fstar, grad_scale, found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    dt, like = scalars.dtype, params[0]
+    lrs = E.per_tensor(lrs, len(params))
+    k = s["step"] + 1
+    seed = (s["step"] == 0) & (not bias_correction)
+    seed_here = bool(seed) if F.on_host(like) else seed    # (on the host: read once)
+
+    def average_of(ds, g):                                # d_k = beta d + (1-beta) g_k (one block)
+        d = torch._foreach_mul(F.select(seed_here, g, F.up_all(ds)), beta)
+        torch._foreach_add_(d, g, alpha=1 - beta)
+        return d
+
+    gx, dx, dd = [], [], []            # <g_k, x_k>, <d_k, x_k>, ||d_k||^2, d_k not yet written
+    for xs, gs, ds in F.blocks(list(params), grads, list(grad_avgs)):
+        g = F.unscaled(gs, grad_scale)
+        d = average_of(ds, g)
+        gx += F.dots(g, xs)
+        dx += F.dots(d, xs)
+        dd += F.dots(d, d)
+    loss, gx, dx, d_sq = E.across_ranks(loss, *(F.block_sums(p, dt, like.device)
+                                               for p in (gx, dx, dd)))
+    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    f_avg = beta * torch.where(seed, loss, s["loss_avg"]) + (1 - beta) * loss
+    gamma = beta * torch.where(seed, gx, s["grad_dot_w"]) + (1 - beta) * gx
+    rho = E.one_minus_power(beta, k) if bias_correction else torch.ones_like(k)
+    lb_k, steps, tau_first = model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, lb=lb,
+                                        use_fstar=use_fstar, weight_decay=weight_decay)
+    if F.taken(finite, like):
+        made = {}                          # (-tau, 1 + alpha lambda), one pair per param group
+        coefs = [made.setdefault(id(st), (F.number(-st[1], like),
+                                          F.number(1 + st[0] * weight_decay, like)))
+                 for st in steps]
+        for (minus_tau, w), (xs, gs, ds) in F.blocks_with_coefs(coefs, list(params), grads,
+                                                                list(grad_avgs)):
+            with F.updating(ds, finite) as d, F.updating(xs, finite) as x:
+                torch._foreach_copy_(d, average_of(ds, F.unscaled(gs, grad_scale)))
+                F.add_(x, d, minus_tau)                                 # x <- (x - tau d) / w
+                if weight_decay:
+                    torch._foreach_div_(x, w)
+    commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import (COMMON_SCALARS, PolyakFamilyOptimizer, check_number)
-from .momo import (as_math, as_scalar, check_flag, per_lr, reset_lower_bound, step_size,
-                   update_lower_bound)
+from ._optimizer import COMMON_SCALARS, PolyakFamilyOptimizer, check_number, check_paths
+from .momo import as_math, check_flag, commit_scalars, model_step
 
 __all__ = ["MoMoAdam", "momo_adam"]
 
@@ -82,6 +82,7 @@ class MoMoAdam(PolyakFamilyOptimizer):
         use_fstar (bool): estimate the lower bound online, starting from and never below ``lb``
             (default False).
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the sums over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -138,7 +139,8 @@ class MoMoAdam(PolyakFamilyOptimizer):
 
     def __init__(self, params, lr=1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, lb: float = 0, divide: bool = True,
-                 use_fstar: bool = False, *, fused: bool | None = None, process_group=None,
+                 use_fstar: bool = False, *, fused: bool | None = None,
+                 foreach: bool | None = None, process_group=None,
                  average_loss: bool = True):
         betas = _check_betas(betas)
         check_number("eps", eps, low=0.0)
@@ -148,7 +150,8 @@ class MoMoAdam(PolyakFamilyOptimizer):
         check_flag("use_fstar", use_fstar)
         defaults = dict(lr=lr, betas=betas, eps=float(eps), weight_decay=float(weight_decay),
                         lb=float(lb), divide=divide, use_fstar=use_fstar)
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def _initial_scalars(self):
@@ -157,15 +160,15 @@ class MoMoAdam(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
         momo_adam(params, grads, buffers["grad_avg"], buffers["grad_avg_sq"], self._packed_scalars,
-                  lrs=lrs, loss=loss, fused=fused, cache=self._fused_cache, **self._hparams(),
+                  lrs=lrs, loss=loss, **path, cache=self._fused_cache, **self._hparams(),
                   **amp)
 
 
 def momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, loss, lrs=1e-2,
               betas=(0.9, 0.999), eps=1e-8, weight_decay=0, lb=0, divide=True, use_fstar=False,
-              grad_scale=None, found_inf=None, fused=False, cache=None):
+              grad_scale=None, found_inf=None, fused=False, foreach=None, cache=None):
     """Functional form of :class:`MoMoAdam` (packed scalars: step, skipped, step_size, loss_avg,
     grad_dot_w, lb; ``grad_avgs``: d, ``state["grad_avg"]``; ``grad_avg_sqs``: v,
     ``state["grad_avg_sq"]``); ``lrs`` is the cap alpha.
@@ -187,12 +190,14 @@ def momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, loss, lrs=1e-2
     """
     hp = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, lb=lb, divide=divide,
               use_fstar=use_fstar)
+    check_paths(fused, foreach)
     if fused:
         run_fused("momo_adam", params, grads, {"grad_avg": grad_avgs, "grad_avg_sq": grad_avg_sqs},
                   lrs, loss, scalars, hp, cache, grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, lrs=lrs, loss=loss,
-                             **hp, grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_momo_adam if foreach is False else _foreach_momo_adam
+        step(params, grads, grad_avgs, grad_avg_sqs, scalars, lrs=lrs, loss=loss, **hp,
+             grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, loss, betas,
@@ -218,15 +223,8 @@ def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs
     finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
     f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]                 # f̄_k
     gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx                 # gamma_k
-    lb_k = s["lb"] if use_fstar else torch.full_like(s["lb"], lb)
-    if use_fstar:                                  # (with the first group's lr: one lb update)
-        lb_k = reset_lower_bound(lb_k, lb, f_avg, dx, gamma, rho, as_scalar(lrs[0], scalars),
-                                 weight_decay)
-    steps = per_lr(lrs, scalars, lambda alpha: step_size(            # (alpha, tau_k) per tensor
-        lb_k, f_avg, dx, gamma, d_sq, rho, alpha, weight_decay))
-    tau_first = steps[0][1]
-    if use_fstar:
-        lb_k = update_lower_bound(lb, f_avg, dx, gamma, d_sq, rho, tau_first)
+    lb_k, steps, tau_first = model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, lb=lb,
+                                        use_fstar=use_fstar, weight_decay=weight_decay)
     for x, d, v, dn, vn, Dk, (alpha, tau) in zip(params, grad_avgs, grad_avg_sqs, d_new, v_new, D,
                                                  steps):
         md = E.math_dtype(x)
@@ -239,8 +237,59 @@ def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs
         E.write_if(finite, x, x_new)
         E.write_if(finite, d, dn)
         E.write_if(finite, v, vn)
-    E.write_if(finite, s["loss_avg"], f_avg)
-    E.write_if(finite, s["grad_dot_w"], gamma)
-    E.write_if(finite, s["lb"], lb_k)
-    E.write_if(finite, s["step_size"], tau_first)
-    E.count_step(s, finite)
+    commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)
+
+
+def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, loss, betas,
+                       eps, weight_decay, lb, divide, use_fstar, grad_scale, found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    dt, like = scalars.dtype, params[0]
+    lrs = E.per_tensor(lrs, len(params))
+    beta1, beta2 = betas
+    k = s["step"] + 1
+    rho = E.one_minus_power(beta1, k)
+    bias2 = F.number(E.one_minus_power(beta2, k), like)
+
+    def moments_of(ds, vs, g):                            # d_k, v_k and D_k of one block
+        d = torch._foreach_mul(F.up_all(ds), beta1)
+        torch._foreach_add_(d, g, alpha=1 - beta1)                    # beta1 d + (1-beta1) g
+        v = torch._foreach_mul(F.up_all(vs), beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)             # beta2 v + (1-beta2) g^2
+        D = torch._foreach_div(v, bias2)
+        torch._foreach_sqrt_(D)
+        torch._foreach_add_(D, eps)                                   # sqrt(v / bias2) + eps
+        return d, v, D
+
+    gx, dx, dd = [], [], []   # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k; d, v not yet written
+    for xs, gs, ds, vs in F.blocks(list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
+        g = F.unscaled(gs, grad_scale)
+        d, _, D = moments_of(ds, vs, g)
+        gx += F.dots(g, xs)
+        dx += F.dots(d, xs)
+        dd += F.dots(d, torch._foreach_div(d, D))
+    loss, gx, dx, d_sq = E.across_ranks(loss, *(F.block_sums(p, dt, like.device)
+                                               for p in (gx, dx, dd)))
+    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]
+    gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx
+    lb_k, steps, tau_first = model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, lb=lb,
+                                        use_fstar=use_fstar, weight_decay=weight_decay)
+    if F.taken(finite, like):
+        made = {}          # (-tau, the decay factor), one pair per param group
+        coefs = [made.setdefault(id(st), (
+            F.number(-st[1], like),
+            F.number(1 + st[0] * weight_decay if divide else 1 - st[0] * weight_decay, like)))
+            for st in steps]
+        for (minus_tau, w), (xs, gs, ds, vs) in F.blocks_with_coefs(
+                coefs, list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
+            d_k, v_k, D = moments_of(ds, vs, F.unscaled(gs, grad_scale))
+            with F.updating(ds, finite) as d, F.updating(vs, finite) as v, \
+                    F.updating(xs, finite) as x:
+                torch._foreach_copy_(d, d_k)
+                torch._foreach_copy_(v, v_k)
+                if weight_decay and not divide:
+                    torch._foreach_mul_(x, w)                        # AdamW: x (1 - alpha lambda)
+                F.addcdiv_(x, d_k, D, minus_tau)                      # x - tau d / D
+                if weight_decay and divide:
+                    torch._foreach_div_(x, w)                # proximal: / (1 + alpha lambda)
+    commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from . import _eager as E
+from . import _foreach as F
 from ._dispatch import run_fused
-from ._optimizer import COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number
+from ._optimizer import (COMMON_SCALARS, TINY_GRAD_SQ, PolyakFamilyOptimizer, check_number,
+                         check_paths)
 
 __all__ = ["NSGDM", "nsgdm"]
 
@@ -33,6 +35,7 @@ class NSGDM(PolyakFamilyOptimizer):
         beta (float): momentum beta in [0, 1) for the constant schedule (default 0.9).
         schedule (str): "constant" or "agnostic" (default "constant").
         fused (bool or None): as in :class:`InexactPolyak`.
+        foreach (bool or None): as in :class:`InexactPolyak`.
         process_group: the torch.distributed group to reduce the loss and the norm over
             (default: the whole world under DDP, the mesh under FSDP2); see the README.
         average_loss (bool): average the loss over the ranks (default True); False when
@@ -51,7 +54,7 @@ class NSGDM(PolyakFamilyOptimizer):
     LR_ROLE = "learning_rate"  # schedules are the user's to choose
 
     def __init__(self, params, lr, beta: float = 0.9, schedule: str = "constant", *,
-                 fused: bool | None = None,
+                 fused: bool | None = None, foreach: bool | None = None,
                  process_group=None, average_loss: bool = True):
         if not torch.is_tensor(lr):
             check_number("lr", lr, low=0.0)
@@ -61,7 +64,8 @@ class NSGDM(PolyakFamilyOptimizer):
         if schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {SCHEDULES})")
         defaults = dict(lr=lr, beta=float(beta), schedule=schedule)
-        super().__init__(params, defaults, fused=fused, process_group=process_group,
+        super().__init__(params, defaults, fused=fused, foreach=foreach,
+                         process_group=process_group,
                          average_loss=average_loss)
 
     def _initial_scalars(self):
@@ -70,13 +74,14 @@ class NSGDM(PolyakFamilyOptimizer):
     def _init_buffer(self, name, p):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _run(self, params, grads, buffers, lrs, loss, fused, amp):
+    def _run(self, params, grads, buffers, lrs, loss, path, amp):
         nsgdm(params, grads, buffers["momentum_buffer"], self._packed_scalars, lrs=lrs, loss=loss,
-              fused=fused, cache=self._fused_cache, **self._hparams(), **amp)
+              **path, cache=self._fused_cache, **self._hparams(), **amp)
 
 
 def nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss=None, beta=0.9,
-          schedule="constant", grad_scale=None, found_inf=None, fused=False, cache=None):
+          schedule="constant", grad_scale=None, found_inf=None, fused=False, foreach=None,
+          cache=None):
     """Functional form of :class:`NSGDM` (packed scalars: step, skipped, step_size;
     ``momentum_buffers``: ``state["momentum_buffer"]``); ``lrs`` (the step length) is required.
 
@@ -85,31 +90,71 @@ def nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss=None, beta=0.9,
     every tensor or a list of one per tensor. The hyperparameters default as in the class.
     """
     hp = dict(beta=beta, schedule=schedule)
+    check_paths(fused, foreach)
     if fused:
         run_fused("nsgdm", params, grads, {"momentum_buffer": momentum_buffers}, lrs, loss,
                   scalars, hp, cache,
                   grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _reference_nsgdm(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp,
-                         grad_scale=grad_scale, found_inf=found_inf)
+        step = _reference_nsgdm if foreach is False else _foreach_nsgdm
+        step(params, grads, momentum_buffers, scalars, lrs=lrs, loss=loss, **hp,
+             grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _schedule(t, beta, schedule):
+    """(beta_t, s_t) for the step t being taken."""
+    if schedule == "agnostic":
+        return 1 - t.rsqrt(), t.pow(-0.75)                     # beta_t = 1 - t^-1/2, s_t = t^-3/4
+    return torch.full_like(t, beta), torch.ones_like(t)
+
+
+def _step_size(m_sq, s_t):
+    return torch.where(m_sq > TINY_GRAD_SQ, s_t / torch.sqrt(m_sq), 0.0)  # s_t / ||m_t||
 
 
 def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta, schedule,
                      grad_scale, found_inf):
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
-    t = s["step"] + 1
-    if schedule == "agnostic":
-        beta_t, s_t = 1 - t.rsqrt(), t.pow(-0.75)              # beta_t = 1 - t^-1/2, s_t = t^-3/4
-    else:
-        beta_t, s_t = torch.full_like(t, beta), torch.ones_like(t)
+    beta_t, s_t = _schedule(s["step"] + 1, beta, schedule)
     m_new = [beta_t.to(E.math_dtype(m)) * E.up(m) + (1 - beta_t).to(E.math_dtype(m)) * E.up(g)
              for m, g in zip(momentum_buffers, grads)]       # m_t = beta_t m + (1 - beta_t) g
     loss, m_sq = E.across_ranks(loss, E.sum_of_squares(m_new, scalars.dtype))  # ||m_t||^2
     finite = E.is_finite(m_sq, loss) & E.no_inf_found(found_inf)
-    eta = torch.where(m_sq > TINY_GRAD_SQ, s_t / torch.sqrt(m_sq), 0.0)
+    eta = _step_size(m_sq, s_t)
     for m, mn in zip(momentum_buffers, m_new):
         E.write_if(finite, m, mn)
     E.descend(params, m_new, lrs, eta, finite)               # x <- x - lr s_t m_t / ||m_t||
+    E.write_if(finite, s["step_size"], eta)
+    E.count_step(s, finite)
+
+
+def _foreach_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta, schedule,
+                   grad_scale, found_inf):
+    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    like = params[0]
+    beta_t, s_t = _schedule(s["step"] + 1, beta, schedule)
+    b = F.number(beta_t, like)
+    g_weight = (1 - b) * F.inverse_scale(grad_scale, like)            # (1 - beta_t) / S
+
+    def momentum_of(ms, gs):                               # m_t = beta_t m + (1 - beta_t) g
+        m = torch._foreach_mul(F.up_all(ms), b)
+        F.add_(m, F.up_all(gs), g_weight)
+        return m
+
+    parts = []                               # ||m_t||^2, block by block, m_t not yet written
+    for ms, gs in F.blocks(momentum_buffers, grads):
+        m = momentum_of(ms, gs)
+        parts += F.dots(m, m)
+    loss, m_sq = E.across_ranks(loss, F.block_sums(parts, scalars.dtype, like.device))
+    finite = E.is_finite(m_sq, loss) & E.no_inf_found(found_inf)
+    eta = _step_size(m_sq, s_t)
+    if F.taken(finite, like):
+        coefs = F.per_lr(lrs, len(params), lambda lr: F.number(-(lr * eta), like))
+        for coef, (xs, ms, gs) in F.blocks_with_coefs(coefs, params, momentum_buffers, grads):
+            with F.updating(ms, finite) as m, F.updating(xs, finite) as x:
+                torch._foreach_mul_(m, b)
+                F.add_(m, F.up_all(gs), g_weight)                     # m_t, as in the first pass
+                F.add_(x, m, coef)                                    # x <- x - lr eta m_t
     E.write_if(finite, s["step_size"], eta)
     E.count_step(s, finite)

@@ -212,9 +212,9 @@ def test_param_group_rejects(cls, kwargs, group, pattern, how):
     a, b = new_params()
     if how == "in_constructor":
         with pytest.raises(ValueError, match=pattern):
-            cls([{"params": [a]}, {"params": [b], **group}], **kwargs, fused=False)
+            cls([{"params": [a]}, {"params": [b], **group}], **kwargs, fused=False, foreach=False)
     else:
-        opt = cls([a], **kwargs, fused=False)
+        opt = cls([a], **kwargs, fused=False, foreach=False)
         with pytest.raises(ValueError, match=pattern):
             opt.add_param_group({"params": [b], **group})
 
@@ -223,15 +223,15 @@ def test_first_param_group_with_other_total_steps_is_rejected():
     a, b = new_params()
     with pytest.raises(ValueError, match=r"Invalid total_steps: 5"):
         pf.InexactPolyak([{"params": [a], "total_steps": 5}, {"params": [b]}], total_steps=10,
-                         fused=False)
+                         fused=False, foreach=False)
 
 
 def test_complex_parameters_are_rejected():
     z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
     for cls in ALL:
         with pytest.raises(ValueError, match="complex"):
-            cls([z], **REQUIRED[cls], fused=False)
-        opt = cls(new_params(), **REQUIRED[cls], fused=False)
+            cls([z], **REQUIRED[cls], fused=False, foreach=False)
+        opt = cls(new_params(), **REQUIRED[cls], fused=False, foreach=False)
         with pytest.raises(ValueError, match="complex"):
             opt.add_param_group({"params": [z]})
 
@@ -279,7 +279,7 @@ def optimizer_for(cls):
 @pytest.mark.parametrize("cls, prepare, step_kwargs, error, pattern", STEP_PARAMS)
 def test_step_error_changes_nothing(cls, prepare, step_kwargs, error, pattern, fresh):
     params = new_params()
-    opt = cls(params, **REQUIRED[cls], **optimizer_for(cls), fused=False)
+    opt = cls(params, **REQUIRED[cls], **optimizer_for(cls), fused=False, foreach=False)
     if not fresh:
         for scale in (1.0, -0.5):
             set_good_grads(params, scale)
@@ -297,7 +297,7 @@ def test_step_error_changes_nothing(cls, prepare, step_kwargs, error, pattern, f
     after = snapshot(opt)
     if fresh and before["scalars"] is None and after["scalars"] is not None:
         # the lazily created scalar buffer may appear; it must hold its initial values
-        ref = cls(new_params(), **REQUIRED[cls], **optimizer_for(cls), fused=False)
+        ref = cls(new_params(), **REQUIRED[cls], **optimizer_for(cls), fused=False, foreach=False)
         after_scalars = after["scalars"]
         for k, v in ref.scalars.items():
             assert torch.equal(after_scalars[k], v), k
@@ -346,7 +346,7 @@ def test_fused_true_with_float64_raises(device):
 
 def test_load_best_rejects_bad_loss():
     params = new_params()
-    opt = pf.InexactPolyak(params, total_steps=10, track_best=True, fused=False)
+    opt = pf.InexactPolyak(params, total_steps=10, track_best=True, fused=False, foreach=False)
     set_good_grads(params)
     opt.step(loss=1.0)
     before = snapshot(opt)

@@ -69,7 +69,7 @@ G3 = [[0.2, 0.1], [-0.3, 0.4, 0.0, -0.6]]
 # ---- Inexact Polyak ------------------------------------------------------------------------------
 def test_inexact_polyak_one_step():
     params = make_params()
-    opt = pf.InexactPolyak(params, total_steps=9, lower_bound=0.25, fused=False)
+    opt = pf.InexactPolyak(params, total_steps=9, lower_bound=0.25, fused=False, foreach=False)
     set_grads(params, G1)
     f = 2.75
     eta = (f - 0.25) / (math.sqrt(9) * sq(G1))   # (f - l*) / (sqrt(T) ||g||^2)
@@ -85,7 +85,7 @@ def test_inexact_polyak_one_step():
 def test_inexact_polyak_three_steps_and_lr_multiplier():
     """T is the horizon, not the step index: the factor 1/sqrt(T) is the same on every step."""
     params = make_params()
-    opt = pf.InexactPolyak(params, total_steps=16, lower_bound=-0.5, lr=0.5, fused=False)
+    opt = pf.InexactPolyak(params, total_steps=16, lower_bound=-0.5, lr=0.5, fused=False, foreach=False)
     x = X0
     for g, f in ((G1, 3.0), (G2, 1.5), (G3, 0.125)):
         set_grads(params, g)
@@ -100,7 +100,7 @@ def test_inexact_polyak_three_steps_and_lr_multiplier():
 def test_inexact_polyak_param_groups_share_one_global_norm():
     params = make_params()
     opt = pf.InexactPolyak([{"params": [params[0]], "lr": 1.0},
-                            {"params": [params[1]], "lr": 0.25}], total_steps=4, fused=False)
+                            {"params": [params[1]], "lr": 0.25}], total_steps=4, fused=False, foreach=False)
     set_grads(params, G1)
     opt.step(loss=2.0)
     eta = 2.0 / (2.0 * sq(G1))   # ||g||^2 over BOTH groups
@@ -113,7 +113,7 @@ def test_inexact_polyak_param_groups_share_one_global_norm():
 @pytest.mark.parametrize("max_lr", [math.inf, 0.05])
 def test_polyak_sps_max(max_lr):
     params = make_params()
-    opt = pf.Polyak(params, f_star=1.0, c=0.5, max_lr=max_lr, lr=2.0, fused=False)
+    opt = pf.Polyak(params, f_star=1.0, c=0.5, max_lr=max_lr, lr=2.0, fused=False, foreach=False)
     x = X0
     for g, f in ((G1, 4.0), (G2, 1.25)):
         set_grads(params, g)
@@ -128,7 +128,7 @@ def test_polyak_sps_max(max_lr):
 
 def test_polyak_defaults_are_classic_polyak():
     params = make_params()
-    opt = pf.Polyak(params, fused=False)   # f* = 0, c = 1, no cap
+    opt = pf.Polyak(params, fused=False, foreach=False)   # f* = 0, c = 1, no cap
     set_grads(params, G2)
     opt.step(loss=0.7)
     check_params(params, axpy(X0, 0.7 / sq(G2), G2))
@@ -138,7 +138,7 @@ def test_polyak_defaults_are_classic_polyak():
 def test_decsps_recursion_three_steps():
     c0, gamma_b, lb = 2.0, 0.3, 0.5
     params = make_params()
-    opt = pf.DecSPS(params, c0=c0, gamma_b=gamma_b, lower_bound=lb, fused=False)
+    opt = pf.DecSPS(params, c0=c0, gamma_b=gamma_b, lower_bound=lb, fused=False, foreach=False)
     check_scalar(opt, "bound", c0 * gamma_b)   # c_{-1} gamma_{-1} = c0 gamma_b
     # ratios (f - l*)/||g||^2 chosen so the min takes c0*gamma_b, then the old bound, then the ratio
     ga = [[1.2, 0.0], [1.6, 0.0, 0.0, 0.0]]      # ||g||^2 = 4,   f = 3.5 -> ratio 0.75 > 0.6
@@ -165,7 +165,7 @@ def test_decsps_recursion_three_steps():
 def test_adasps_running_gap_sum_and_non_increasing_eta():
     c_p, lb = 0.5, 0.5
     params = make_params()
-    opt = pf.AdaSPS(params, c_p=c_p, lower_bound=lb, fused=False)
+    opt = pf.AdaSPS(params, c_p=c_p, lower_bound=lb, fused=False, foreach=False)
     assert opt.scalars["step_size"].item() == math.inf     # eta_{-1} = +inf
     ga = [[1.2, 0.0], [1.6, 0.0, 0.0, 0.0]]      # ||g||^2 = 4
     gb = [[0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]      # ||g||^2 = 0.5
@@ -194,7 +194,7 @@ def test_dog_three_steps_with_coupled_weight_decay():
     reps_rel, wd, lr = 1e-2, 0.1, 3.0
     x0 = [[3.0, 0.0], [0.0, 4.0, 0.0, 0.0]]      # ||x0|| = 5
     params = make_params(x0)
-    opt = pf.DoG(params, reps_rel=reps_rel, lr=lr, weight_decay=wd, fused=False)
+    opt = pf.DoG(params, reps_rel=reps_rel, lr=lr, weight_decay=wd, fused=False, foreach=False)
     x, G = x0, 0.0
     rbar = reps_rel * (1 + 5.0)                  # r_eps = reps_rel (1 + ||x0||) = 0.06
     for t, g in enumerate((G1, G2, G3)):
@@ -217,7 +217,7 @@ def test_dog_three_steps_with_coupled_weight_decay():
 
 def test_dog_first_step_without_weight_decay():
     params = make_params()
-    opt = pf.DoG(params, fused=False)            # reps_rel = 1e-6
+    opt = pf.DoG(params, fused=False, foreach=False)            # reps_rel = 1e-6
     set_grads(params, G2)
     opt.step(loss=1.0)
     r_eps = 1e-6 * (1 + math.sqrt(sq(X0)))
@@ -229,7 +229,7 @@ def test_dog_first_step_without_weight_decay():
 # ---- ClippedSGD ----------------------------------------------------------------------------------
 def test_clipped_sgd_one_step_by_hand():
     params = make_params()
-    opt = pf.ClippedSGD(params, lr=0.1, max_norm=1.0, fused=False)
+    opt = pf.ClippedSGD(params, lr=0.1, max_norm=1.0, fused=False, foreach=False)
     set_grads(params, G1)
     opt.step()
     norm = math.sqrt(sq(G1))
@@ -249,7 +249,7 @@ def test_clipped_sgd_equals_clip_grad_norm_plus_torch_sgd(momentum, max_norm):
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}]   # noqa: E731
     torch_opt = torch.optim.SGD(groups(ref), lr=0.1, momentum=momentum)
-    opt = pf.ClippedSGD(groups(ours), lr=0.1, max_norm=max_norm, momentum=momentum, fused=False)
+    opt = pf.ClippedSGD(groups(ours), lr=0.1, max_norm=max_norm, momentum=momentum, fused=False, foreach=False)
     clipped = 0
     for step in range(6):
         scale = 0.2 if step % 2 else 1.0         # alternate clipped and unclipped steps
@@ -279,7 +279,7 @@ def test_clipped_sgd_equals_clip_grad_norm_plus_torch_sgd(momentum, max_norm):
 def test_nsgdm_three_steps(schedule):
     beta, lr = 0.8, 0.1
     params = make_params()
-    opt = pf.NSGDM(params, lr=lr, beta=beta, schedule=schedule, fused=False)
+    opt = pf.NSGDM(params, lr=lr, beta=beta, schedule=schedule, fused=False, foreach=False)
     x = X0
     m = [[0.0] * len(v) for v in X0]
     for t, g in enumerate((G1, G2, G3), start=1):
@@ -316,7 +316,7 @@ def test_momo_three_steps_with_weight_decay(bias_correction, lr):
     capped = []
     params = make_params()
     opt = pf.MoMo(params, lr=lr, weight_decay=wd, beta=beta, lb=lb,
-                  bias_correction=bias_correction, fused=False)
+                  bias_correction=bias_correction, fused=False, foreach=False)
     x = X0
     for k, (g, f) in enumerate(((G1, 3.0), (G2, 1.5), (G3, 0.75)), start=1):
         set_grads(params, g)
@@ -349,7 +349,7 @@ def test_momo_adam_two_steps_with_weight_decay(divide, lr, capped):
     (b1, b2), eps, wd = (0.8, 0.9), 1e-3, 0.1
     params = make_params()
     opt = pf.MoMoAdam(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, divide=divide,
-                      fused=False)
+                      fused=False, foreach=False)
     x = X0
     d = [[0.0] * len(v) for v in X0]
     v = [[0.0] * len(v) for v in X0]
@@ -457,7 +457,7 @@ def test_exactly_zero_gradient_gives_zero_step(factory):
 ], ids=["inexact_polyak", "polyak", "decsps", "adasps"])
 def test_loss_below_lower_bound_gives_zero_step(cls, kwargs):
     params = make_params()
-    opt = cls(params, fused=False, **kwargs)
+    opt = cls(params, fused=False, foreach=False, **kwargs)
     set_grads(params, G1)
     opt.step(loss=0.25)                         # f < l*: (f - l*)_+ = 0
     for p, x in zip(params, X0):
@@ -518,7 +518,7 @@ def test_loss_as_float_0d_tensor_1_element_tensor_or_closure(cls, kwargs):
     results = {}
     for how in ("float", "0d", "1elem", "closure"):
         params = make_params()
-        opt = cls(params, fused=False, **kwargs)
+        opt = cls(params, fused=False, foreach=False, **kwargs)
         set_grads(params, G1)
         if how == "float":
             ret = opt.step(loss=f)
@@ -553,7 +553,7 @@ def test_loss_as_float_0d_tensor_1_element_tensor_or_closure(cls, kwargs):
 # ---- Inexact Polyak best iterate (Algorithm 1) ---------------------------------------------------
 def test_track_best_semantics():
     params = make_params()
-    opt = pf.InexactPolyak(params, total_steps=4, track_best=True, fused=False)
+    opt = pf.InexactPolyak(params, total_steps=4, track_best=True, fused=False, foreach=False)
     assert opt.best_loss.item() == math.inf
     losses = [5.0, 3.0, 3.0, 4.0]                # a tie at t = 1, 2: '<=' keeps the newer x_2
     iterates = []
@@ -598,7 +598,7 @@ def test_track_best_semantics():
 
 def test_track_best_starts_from_x0_and_skips_non_finite():
     params = make_params()
-    opt = pf.InexactPolyak(params, total_steps=4, track_best=True, fused=False)
+    opt = pf.InexactPolyak(params, total_steps=4, track_best=True, fused=False, foreach=False)
     set_grads(params, G1)
     opt.step(loss=2.0)                           # f(x_0) = 2 <= inf: x_best = x_0
     for p, x in zip(params, X0):
@@ -611,6 +611,6 @@ def test_track_best_starts_from_x0_and_skips_non_finite():
 
 def test_load_best_needs_track_best():
     params = make_params()
-    opt = pf.InexactPolyak(params, total_steps=4, fused=False)
+    opt = pf.InexactPolyak(params, total_steps=4, fused=False, foreach=False)
     with pytest.raises(RuntimeError, match="track_best"):
         opt.load_best()

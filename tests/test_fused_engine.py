@@ -113,7 +113,7 @@ def test_new_gradient_tensors_every_step_are_read(device):
     params = _model_params(device)
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     fused = pf.AdaSPS(params, fused=True)
-    ref = pf.AdaSPS(twin, fused=False)
+    ref = pf.AdaSPS(twin, fused=False, foreach=False)
     keep = []  # keep old grads alive so the new ones cannot reuse their addresses
     for seed in range(4):
         _set_grads(params, seed)
@@ -274,7 +274,7 @@ def _reference_twin(params, factory):
     twin = [torch.nn.Parameter(p.detach().double().cpu()) for p in params]
     for t, p in zip(twin, params):
         t.grad = p.grad.detach().double().cpu()
-    return twin, factory(twin, fused=False)
+    return twin, factory(twin, fused=False, foreach=False)
 
 
 @needs_cuda

@@ -21,12 +21,17 @@ STEPS = 4
 INIT_SCALE = 2.0 ** 14
 
 
+def _path(fused: bool) -> dict:
+    """The fused path, or the eager reference (tests/test_foreach.py covers the foreach path)."""
+    return dict(fused=True) if fused else dict(foreach=False)
+
+
 def scaled_run(name, fused, micro=1, grow_every=2):
     """A float32 model trained through GradScaler with watch_loss and a bare scaler.step(opt).
     growth_interval=2 makes the scale double during the run (2^14 -> 2^15 -> 2^16), so more than
     one scale is divided out."""
     model = make_model(torch.float32)
-    opt = FACTORIES[name](model.parameters(), fused=fused)
+    opt = FACTORIES[name](model.parameters(), **_path(fused))
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, growth_interval=grow_every)
     scales = []
     for x, y in make_batches(torch.float32, STEPS):
@@ -43,7 +48,7 @@ def scaled_run(name, fused, micro=1, grow_every=2):
 def unscaled_run(name, fused, micro=1):
     """The same run without GradScaler: watch_loss, (loss / micro).backward(), bare step()."""
     model = make_model(torch.float32)
-    opt = FACTORIES[name](model.parameters(), fused=fused)
+    opt = FACTORIES[name](model.parameters(), **_path(fused))
     for x, y in make_batches(torch.float32, STEPS):
         opt.zero_grad()
         for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
@@ -78,7 +83,7 @@ def test_grad_scaler_run_equals_the_unscaled_run_bitwise(name, micro, fused):
     for name in ["InexactPolyak", "DoG", "NSGDM", "MoMo", "MoMoAdam"] for fused in (False, True)])
 def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(name, fused):
     model = make_model(torch.float32)
-    opt = FACTORIES[name](model.parameters(), fused=fused)
+    opt = FACTORIES[name](model.parameters(), **_path(fused))
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     (x, y), (x2, y2) = make_batches(torch.float32, 2)
     scaler.scale(opt.watch_loss(mse(model, x, y))).backward()
@@ -119,7 +124,7 @@ def test_found_inf_alone_skips_the_step(fused):
     """found_inf set by the scaler skips the step even when the gradients the optimizer reads are
     finite (GradScaler's flag is authoritative, e.g. an inf found on another device)."""
     model = make_model(torch.float32)
-    opt = FACTORIES["InexactPolyak"](model.parameters(), fused=fused)
+    opt = FACTORIES["InexactPolyak"](model.parameters(), **_path(fused))
     x, y = make_batches(torch.float32, 1)[0]
     loss = mse(model, x, y)
     loss.backward()
@@ -151,7 +156,7 @@ def test_unscale_before_step_with_a_watched_loss_raises_and_says_what_to_do():
 def test_unscale_then_step_with_the_loss_given_equals_the_unscaled_run(fused):
     """What the error above recommends: pass the (unscaled) loss through scaler.step."""
     model = make_model(torch.float32)
-    opt = FACTORIES["InexactPolyak"](model.parameters(), fused=fused)
+    opt = FACTORIES["InexactPolyak"](model.parameters(), **_path(fused))
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     for x, y in make_batches(torch.float32, STEPS):
         opt.zero_grad()
@@ -168,7 +173,7 @@ def test_unscale_then_step_with_the_loss_given_equals_the_unscaled_run(fused):
 def test_grad_scaler_step_makes_no_host_sync(fused):
     """Inside optimizer.step(), which scaler.step() calls."""
     model = make_model(torch.float32)
-    opt = FACTORIES["InexactPolyak"](model.parameters(), fused=fused)
+    opt = FACTORIES["InexactPolyak"](model.parameters(), **_path(fused))
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     guard = NoHostSync(opt)
     try:

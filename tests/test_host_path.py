@@ -2,7 +2,7 @@
 tensor that moves is never missed.
 
 Each test drives two optimizers in lockstep, the fused path (under the Triton interpreter in CI)
-and the eager reference (fused=False) on copies of the same parameters, applies the same change
+and the eager reference (fused=False, foreach=False) on copies of the same parameters, applies the same change
 to both between steps (a new .grad, a parameter's .data replaced, a param group added, a state
 loaded, ...), and compares the parameters after every step. The changes are those a training loop,
 a framework or a user makes; each one would go unseen by a step that trusted its cached tables.
@@ -63,7 +63,7 @@ class Pair:
         self.params = params if params is not None else _params(device, seed, bf16)
         self.twin = [torch.nn.Parameter(p.detach().clone()) for p in self.params]
         self.opt = OPTIMIZERS[name](self.params, fused=True)
-        self.ref = OPTIMIZERS[name](self.twin, fused=False)
+        self.ref = OPTIMIZERS[name](self.twin, fused=False, foreach=False)
         self.seed = 100 * seed
 
     def grads(self, which=None):
@@ -352,7 +352,7 @@ def test_functional_lists_mutated_in_place_are_seen(device):
             grads[1] = torch.randn(params[1].shape).to(device)
         with torch.no_grad():
             pf.inexact_polyak(params, grads, None, scalars, fused=True, cache=cache, **kw)
-            pf.inexact_polyak(twin, [g.clone() for g in grads], None, ref_scalars, fused=False,
+            pf.inexact_polyak(twin, [g.clone() for g in grads], None, ref_scalars, fused=False, foreach=False,
                               **kw)
         for i, (a, b) in enumerate(zip(params, twin)):
             tol = TOL[a.dtype]

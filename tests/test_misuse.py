@@ -48,7 +48,7 @@ def _ours(caught, text):
 # ---- total_steps -------------------------------------------------------------------------------
 def test_steps_past_total_steps_warn_once():
     w, loss_fn = _problem()
-    opt = pf.InexactPolyak([w], total_steps=10, fused=False)
+    opt = pf.InexactPolyak([w], total_steps=10, fused=False, foreach=False)
     assert not _ours(_steps(opt, loss_fn, 10), "total_steps=10")
     caught = _steps(opt, loss_fn, 20)
     past = _ours(caught, "total_steps=10")
@@ -57,10 +57,10 @@ def test_steps_past_total_steps_warn_once():
 
 def test_the_count_survives_a_checkpoint():
     w, loss_fn = _problem()
-    opt = pf.InexactPolyak([w], total_steps=5, fused=False)
+    opt = pf.InexactPolyak([w], total_steps=5, fused=False, foreach=False)
     _steps(opt, loss_fn, 5)
     w2, loss_fn2 = _problem()
-    resumed = pf.InexactPolyak([w2], total_steps=5, fused=False)
+    resumed = pf.InexactPolyak([w2], total_steps=5, fused=False, foreach=False)
     resumed.load_state_dict(opt.state_dict())
     past = _ours(_steps(resumed, loss_fn2, 1), "total_steps=5")
     assert len(past) == 1 and "step() called 6 times" in str(past[0].message)
@@ -80,7 +80,7 @@ SCHEDULES = {
 def test_a_decaying_scheduler_on_a_multiplier_lr_warns_once(schedule):
     make, decays = SCHEDULES[schedule]
     w, loss_fn = _problem()
-    opt = pf.InexactPolyak([w], total_steps=100, fused=False)
+    opt = pf.InexactPolyak([w], total_steps=100, fused=False, foreach=False)
     caught = _ours(_steps(opt, loss_fn, 10, make(opt)), "scheduler lowered lr")
     assert len(caught) == (1 if decays else 0), [str(c.message) for c in caught]
     if decays:
@@ -89,14 +89,14 @@ def test_a_decaying_scheduler_on_a_multiplier_lr_warns_once(schedule):
 
 def test_a_scheduler_on_a_learning_rate_optimizer_is_the_users_choice():
     w, loss_fn = _problem()
-    opt = pf.ClippedSGD([w], lr=0.1, fused=False)
+    opt = pf.ClippedSGD([w], lr=0.1, fused=False, foreach=False)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     assert not _ours(_steps(opt, loss_fn, 8, scheduler), "scheduler lowered lr")
 
 
 def test_the_checks_make_no_host_sync():
     w, loss_fn = _problem()
-    opt = pf.InexactPolyak([w], total_steps=3, fused=False)
+    opt = pf.InexactPolyak([w], total_steps=3, fused=False, foreach=False)
     guard = NoHostSync(opt)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     caught = _steps(opt, loss_fn, 6, scheduler)
@@ -127,7 +127,7 @@ def test_fused_true_without_triton_is_refused_at_construction(interpret):
 # ---- diagnose() --------------------------------------------------------------------------------
 def test_diagnose_names_a_loss_below_the_lower_bound():
     w, loss_fn = _problem()
-    opt = pf.InexactPolyak([w], total_steps=10, lower_bound=1e6, fused=False)
+    opt = pf.InexactPolyak([w], total_steps=10, lower_bound=1e6, fused=False, foreach=False)
     _steps(opt, loss_fn, 3)
     report = opt.diagnose()
     assert report["step"] == 3 and report["step_size"] == 0.0
@@ -138,7 +138,7 @@ def test_diagnose_names_a_loss_below_the_lower_bound():
 
 def test_diagnose_names_a_zero_gradient():
     w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = pf.Polyak([w], fused=False)
+    opt = pf.Polyak([w], fused=False, foreach=False)
     opt.zero_grad()
     loss = opt.watch_loss(0.0 * w.sum() + 2.0)
     loss.backward()
@@ -148,7 +148,7 @@ def test_diagnose_names_a_zero_gradient():
 
 def test_diagnose_of_a_moving_run():
     w, loss_fn = _problem()
-    opt = pf.InexactPolyak([w], total_steps=10, fused=False)
+    opt = pf.InexactPolyak([w], total_steps=10, fused=False, foreach=False)
     assert opt.diagnose()["verdict"] == "no step taken yet"
     _steps(opt, loss_fn, 2)
     report = opt.diagnose()

@@ -159,7 +159,7 @@ PARITY = [
 def test_step_by_step_equal_to_momo_opt(ours_cls, official_cls, kwargs, lrs, monkeypatch):
     problem = Quadratic()
     ours_params, official_params = problem.params(), problem.params()
-    ours = ours_cls(grouped(ours_params, lrs), **kwargs, fused=False)
+    ours = ours_cls(grouped(ours_params, lrs), **kwargs, fused=False, foreach=False)
     official = OfficialRun(official_cls, grouped(official_params, lrs), kwargs, monkeypatch)
     buffers = ours.BUFFERS
     regimes, lbs = set(), []
@@ -197,7 +197,7 @@ def test_arguments_and_defaults_are_momo_opts(ours_cls, official_cls):
     for name, p in official.items():
         if p.default is not inspect.Parameter.empty:
             assert ours[name].default == p.default, name
-    assert {n for n in ours if n not in official} == {"fused", "process_group", "average_loss"}
+    assert {n for n in ours if n not in official} == {"fused", "foreach", "process_group", "average_loss"}
 
 
 @pytest.mark.parametrize("cls, kwargs", [(pf.MoMo, {}), (pf.MoMoAdam, dict(lr=0.5))])
@@ -207,7 +207,7 @@ def test_float32_follows_the_float64_run(cls, kwargs):
     runs = {}
     for dtype in (F64, torch.float32):
         params = problem.params(dtype)
-        opt = cls(params, **kwargs, fused=False)
+        opt = cls(params, **kwargs, fused=False, foreach=False)
         for t in range(STEPS):
             opt.step(loss=problem.loss_and_grads(params, t))
         runs[dtype] = params
@@ -227,7 +227,7 @@ def test_a_tensor_lr_is_the_float_lr(cls, kwargs, dtype):
     runs = []
     for make in (float, lambda v: torch.tensor([v], dtype=dtype)):
         params = problem.params(dtype)
-        opt = cls(grouped(params, (make(1.0), make(0.01))), **kwargs, fused=False)
+        opt = cls(grouped(params, (make(1.0), make(0.01))), **kwargs, fused=False, foreach=False)
         for t in range(4):
             opt.step(loss=problem.loss_and_grads(params, t))
         runs.append(snapshot(opt))
@@ -243,8 +243,8 @@ def test_a_skipped_first_step_leaves_the_next_one_first(cls, kwargs):
     step, the next step is a first step, bitwise the one a fresh optimizer takes."""
     problem = Quadratic()
     params, fresh_params = problem.params(), problem.params()
-    opt = cls(params, **kwargs, fused=False)
-    fresh = cls(fresh_params, **kwargs, fused=False)
+    opt = cls(params, **kwargs, fused=False, foreach=False)
+    fresh = cls(fresh_params, **kwargs, fused=False, foreach=False)
     problem.loss_and_grads(params, 0)
     opt.step(loss=math.nan)
     assert int(opt.scalars["skipped"]) == 1 and int(opt.scalars["step"]) == 0
@@ -267,7 +267,7 @@ def test_no_host_sync_in_step(ours_cls, official_cls, kwargs):
     problem = Quadratic()
     params = problem.params()
     opt = ours_cls(grouped(params, (1.0, 0.01)) if not kwargs.get("use_fstar") else params,
-                   **kwargs, fused=False)
+                   **kwargs, fused=False, foreach=False)
     guard = NoHostSync(opt)
     try:
         for t in range(3):
@@ -307,7 +307,7 @@ def test_hyperparameters_other_than_lr_are_global(ours_cls, official_cls, name, 
     with pytest.raises(ValueError, match=rf"Invalid {name}: {re_escape(values[1])} in a param "
                                          rf"group"):
         ours_cls([{"params": params[:2], name: values[0]},
-                  {"params": params[2:], name: values[1]}], fused=False)
+                  {"params": params[2:], name: values[1]}], fused=False, foreach=False)
 
 
 def re_escape(value):
@@ -330,7 +330,7 @@ def test_momo_parameter_without_gradient():
         official.step(loss=torch.tensor(1.0, dtype=F64))
 
     params = problem.params()
-    opt = pf.MoMo(params, lr=lr, beta=beta, fused=False)
+    opt = pf.MoMo(params, lr=lr, beta=beta, fused=False, foreach=False)
     for t in range(2):
         opt.step(loss=problem.loss_and_grads(params, t))
     before = snapshot(opt)
@@ -366,7 +366,7 @@ def test_momo_adam_parameter_without_gradient(monkeypatch):
     beta1, beta2, eps, lr = 0.9, 0.999, 1e-8, 0.5
     problem = Quadratic()
     params, official_params = problem.params(), problem.params()
-    opt = pf.MoMoAdam(params, lr=lr, fused=False)
+    opt = pf.MoMoAdam(params, lr=lr, fused=False, foreach=False)
     official = OfficialRun(momo_opt.MomoAdam, official_params, dict(lr=lr), monkeypatch)
     for t in range(2):
         opt.step(loss=problem.loss_and_grads(params, t))
@@ -423,11 +423,11 @@ def test_use_fstar_updates_lb_once_per_step_with_the_first_groups_lr(ours_cls, o
     for name, lrs in (("two_groups", (0.1, 10.0)), ("one_group", None)):
         ours_params, official_params = problem.params(), problem.params()
         if lrs is None:
-            ours = ours_cls(ours_params, lr=0.1, **kwargs, fused=False)
+            ours = ours_cls(ours_params, lr=0.1, **kwargs, fused=False, foreach=False)
             official = OfficialRun(official_cls, official_params, dict(lr=0.1, **kwargs),
                                    monkeypatch)
         else:
-            ours = ours_cls(grouped(ours_params, lrs), **kwargs, fused=False)
+            ours = ours_cls(grouped(ours_params, lrs), **kwargs, fused=False, foreach=False)
             official = OfficialRun(official_cls, grouped(official_params, lrs), kwargs,
                                    monkeypatch)
         ours.step(loss=problem.loss_and_grads(ours_params, 0))
@@ -457,7 +457,7 @@ def test_a_zero_direction_gives_the_cap(ours_cls, official_cls, loss, monkeypatc
     lr = 0.5
     problem = Quadratic()
     ours_params, official_params = problem.params(), problem.params()
-    ours = ours_cls(ours_params, lr=lr, fused=False)
+    ours = ours_cls(ours_params, lr=lr, fused=False, foreach=False)
     official = OfficialRun(official_cls, official_params, dict(lr=lr), monkeypatch)
     for p, q in zip(ours_params, official_params):
         p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
@@ -480,7 +480,7 @@ def test_a_tiny_direction_gives_the_cap(monkeypatch):
     lr = 1.0
     x = [torch.nn.Parameter(torch.tensor([0.25, -0.5], dtype=F64))]
     y = [torch.nn.Parameter(torch.tensor([0.25, -0.5], dtype=F64))]
-    ours = pf.MoMo(x, lr=lr, fused=False)
+    ours = pf.MoMo(x, lr=lr, fused=False, foreach=False)
     official = OfficialRun(momo_opt.Momo, y, dict(lr=lr), monkeypatch)
     g = torch.tensor([6e-10, 8e-10], dtype=F64)                       # ||g||^2 = 1e-18
     x[0].grad, y[0].grad = g.clone(), g.clone()
@@ -499,7 +499,7 @@ def test_a_non_finite_gradient_skips_the_step(ours_cls, official_cls, monkeypatc
     skipped, with the parameters and the state bitwise unchanged."""
     problem = Quadratic()
     ours_params, official_params = problem.params(), problem.params()
-    ours = ours_cls(ours_params, lr=0.5, fused=False)
+    ours = ours_cls(ours_params, lr=0.5, fused=False, foreach=False)
     official = OfficialRun(official_cls, official_params, dict(lr=0.5), monkeypatch)
     for t in range(2):
         ours.step(loss=problem.loss_and_grads(ours_params, t))
@@ -539,7 +539,7 @@ def test_fused_float32_follows_momo_opt(ours_cls, official_cls, kwargs, lrs, mon
                 assert_rel(ours.state[p][name], official.buffer(q, name), f"{at}: {name}[{i}]",
                            rtol=1e-4, floor=1.0)
         assert_rel(ours.scalars["step_size"], official.tau(), f"{at}: tau", rtol=1e-4)
-    assert ours._fused_cache["param_set"][2] is True, "fused=True did not take the fused path"
+    assert ours._fused_cache["param_set"][2] == "fused", "fused=True did not take the fused path"
     assert int(ours.scalars["step"]) == STEPS and int(ours.scalars["skipped"]) == 0
 
 
@@ -557,7 +557,7 @@ def test_cuda_fused_none_takes_the_kernels_with_no_host_sync(cls):
     problem = Quadratic()
     cpu = problem.params(torch.float32)
     gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    opt_cpu = cls(cpu, weight_decay=0.05, use_fstar=True, fused=False)
+    opt_cpu = cls(cpu, weight_decay=0.05, use_fstar=True, fused=False, foreach=False)
     opt = cls(gpu, weight_decay=0.05, use_fstar=True)
     opt.register_step_pre_hook(lambda *a: torch.cuda.set_sync_debug_mode("error"))
     opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode(0))
@@ -570,6 +570,6 @@ def test_cuda_fused_none_takes_the_kernels_with_no_host_sync(cls):
             opt_cpu.step(loss=loss)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert opt._fused_cache["param_set"][2] is True, "fused=None did not take the fused path"
+    assert opt._fused_cache["param_set"][2] == "fused", "fused=None did not take the fused path"
     for i, (p, q) in enumerate(zip(gpu, cpu)):
         assert_rel(p.detach().cpu(), q.detach(), f"param[{i}]", rtol=1e-5, floor=1.0)

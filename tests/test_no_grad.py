@@ -20,7 +20,8 @@ import polyak_fused as pf
 
 #: The paths a step can take: (optimizer keywords, parameter dtype, tolerance of "equal").
 #: The fused kernels run in float32 (under the Triton interpreter on a CPU).
-IMPLEMENTATIONS = {"reference": (dict(fused=False), torch.float64, 1e-12),
+IMPLEMENTATIONS = {"reference": (dict(fused=False, foreach=False), torch.float64, 1e-12),
+                   "foreach": (dict(foreach=True), torch.float64, 1e-12),
                    "fused": (dict(fused=True), torch.float32, 1e-6)}
 
 #: (name, factory, a zero gradient leaves the parameter where it is)
@@ -162,6 +163,36 @@ def test_dog_distances_cover_a_parameter_without_gradient(impl):
         rbar = max(rbar, r_eps, distance.item())
         assert opt.scalars["rbar"].item() == pytest.approx(rbar, rel=tol)
     assert rbar > r_eps  # the distance, which includes the idle parameter's, took over
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("method", ["inexact_polyak_best", "dog"])
+def test_each_tensor_takes_its_own_groups_lr_after_a_parameter_without_gradient(method, impl):
+    """Group 0 holds `idle` (no gradient) and `a`, group 1 (lr 0.5) holds `b`. These methods
+    step every parameter of the iterate, so the lrs must be paired with the tensors that have
+    a gradient: the step is written out here by hand (once the reference paired `b` with
+    group 0's lr)."""
+    kwargs, dtype, tol = IMPLEMENTATIONS[impl]
+    idle, a, b = (torch.nn.Parameter(torch.tensor(v, dtype=dtype))
+                  for v in ([1.0, -2.0], [3.0, 4.0], [-1.0, 2.0]))
+    groups = [{"params": [idle, a]}, {"params": [b], "lr": 0.5}]
+    if method == "dog":
+        opt = pf.DoG(groups, reps_rel=0.1, **kwargs)
+    else:
+        opt = pf.InexactPolyak(groups, total_steps=4, track_best=True, **kwargs)
+    start = [p.detach().double().clone() for p in (idle, a, b)]
+    loss = (a.square().sum() + b.square().sum()) / 2 + 1.0
+    loss.backward()                                        # idle.grad stays None
+    opt.step(loss=loss.detach())
+    g_a, g_b = start[1], start[2]                          # the gradient of x^2 / 2 is x
+    grad_sq = g_a.square().sum() + g_b.square().sum()
+    if method == "dog":                                    # eta = rbar / sqrt(||g||^2 + eps)
+        eta = 0.1 * (1 + torch.cat(start).norm()) / torch.sqrt(grad_sq + 1e-8)
+    else:                                                  # eta = f / (sqrt(T) ||g||^2)
+        eta = loss.detach().double() / (2.0 * grad_sq)
+    expected = [start[0], start[1] - eta * g_a, start[2] - 0.5 * eta * g_b]
+    for p, e, what in zip((idle, a, b), expected, ("idle", "a (lr 1)", "b (lr 0.5)")):
+        assert torch.allclose(p.detach().double(), e, rtol=tol, atol=0), what
 
 
 @pytest.mark.parametrize("name,factory,zero_stays", OPTIMIZERS, ids=IDS)

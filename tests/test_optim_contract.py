@@ -31,11 +31,11 @@ here. The script, run from the repository root at that commit:
     out = {}
     m = model()
     opt = pf.InexactPolyak([{"params": [m.weight]}, {"params": [m.bias], "lr": 1 / 3}],
-                           total_steps=20, lower_bound=0.01, track_best=True, fused=False)
+                           total_steps=20, lower_bound=0.01, track_best=True, fused=False, foreach=False)
     run(opt, m, 3)
     out["inexact_polyak_best"] = {"model": m.state_dict(), "opt": opt.state_dict()}
     m = model()
-    opt = pf.DoG(m.parameters(), reps_rel=1e-2, fused=False)
+    opt = pf.DoG(m.parameters(), reps_rel=1e-2, fused=False, foreach=False)
     run(opt, m, 3)
     out["dog"] = {"model": m.state_dict(), "opt": opt.state_dict()}
     torch.save(out, "tests/data/old_checkpoint_e9a6c3b.pt")
@@ -174,7 +174,7 @@ def test_scalars_live_in_the_first_parameters_state(factory):
 def test_an_entry_replaced_in_the_state_is_taken_by_the_next_step():
     """The state is the real thing: a tensor put in the first parameter's state replaces the
     value the step reads (as a hook would), and becomes a view of the packed buffer again."""
-    model, opt = trained(lambda p: pf.Polyak(p, fused=False), steps=2)
+    model, opt = trained(lambda p: pf.Polyak(p, fused=False, foreach=False), steps=2)
     first = first_param(opt)
     opt.state[first]["step"] = torch.tensor(40.0)
     train(model, opt, range(2, 3))
@@ -201,7 +201,7 @@ def bad_groups(cls, params):
 @class_ids
 def test_failed_add_param_group_leaves_the_optimizer_as_it_was(cls, case):
     model = make_model()
-    opt = cls(model.parameters(), **REQUIRED[cls], fused=False)
+    opt = cls(model.parameters(), **REQUIRED[cls], fused=False, foreach=False)
     train(model, opt, range(2))
     groups_before = [(g, {k: v for k, v in g.items() if k != "params"}, list(g["params"]))
                      for g in opt.param_groups]
@@ -351,9 +351,9 @@ def test_global_hyperparameters_given_in_every_group(cls):
     model_a, model_b = make_model(), make_model()
     w_a, w_b = list(model_a.parameters()), list(model_b.parameters())
     opt_a = cls([{"params": w_a[:2]}, {"params": w_a[2:], "lr": 0.5}], **{**REQUIRED[cls], **hp},
-                fused=False)
+                fused=False, foreach=False)
     opt_b = cls([{"params": w_b[:2], **hp}, {"params": w_b[2:], "lr": 0.5, **hp}],
-                **REQUIRED[cls], fused=False)
+                **REQUIRED[cls], fused=False, foreach=False)
     for name, value in hp.items():
         assert opt_b.defaults[name] == value
         assert all(g[name] == value for g in opt_b.param_groups)
@@ -367,9 +367,9 @@ def test_every_hyperparameter_in_the_groups_and_none_to_the_constructor(cls):
     """torch's test_optim builds optimizers this way (test_param_groups_weight_decay, ...)."""
     hp = dict(ALL_GLOBALS[cls], lr=0.7)
     model_a, model_b = make_model(), make_model()
-    opt_a = cls(model_a.parameters(), **hp, fused=False)
+    opt_a = cls(model_a.parameters(), **hp, fused=False, foreach=False)
     w = list(model_b.parameters())
-    opt_b = cls([dict(params=w[:2], **hp), dict(params=w[2:], **hp)], fused=False)
+    opt_b = cls([dict(params=w[:2], **hp), dict(params=w[2:], **hp)], fused=False, foreach=False)
     train(model_a, opt_a, range(4))
     train(model_b, opt_b, range(4))
     assert_same_snapshot(snapshot(opt_b), snapshot(opt_a), what="all in the groups: ")
@@ -379,9 +379,9 @@ def test_total_steps_given_in_every_group_with_none_to_the_constructor():
     """total_steps has no default; None (to be set later) plus T in every group gives T."""
     model_a, model_b = make_model(), make_model()
     w = list(model_b.parameters())
-    opt_a = pf.InexactPolyak(model_a.parameters(), total_steps=30, fused=False)
+    opt_a = pf.InexactPolyak(model_a.parameters(), total_steps=30, fused=False, foreach=False)
     opt_b = pf.InexactPolyak([{"params": w[:2], "total_steps": 30},
-                              {"params": w[2:], "total_steps": 30}], total_steps=None, fused=False)
+                              {"params": w[2:], "total_steps": 30}], total_steps=None, fused=False, foreach=False)
     assert opt_b.defaults["total_steps"] == 30
     train(model_a, opt_a, range(3))
     train(model_b, opt_b, range(3))
@@ -401,22 +401,22 @@ def test_a_global_hyperparameter_given_in_the_groups_is_validated(cls, name, val
     w = list(make_model().parameters())
     with pytest.raises(ValueError, match=pattern):
         cls([{"params": w[:2], name: value}, {"params": w[2:], name: value}], **REQUIRED[cls],
-            fused=False)
+            fused=False, foreach=False)
 
 
 def test_groups_giving_two_values_are_rejected():
     w = list(make_model().parameters())
     with pytest.raises(ValueError, match=r"Invalid total_steps: 5 .*every param group"):
         pf.InexactPolyak([{"params": w[:2], "total_steps": 5}, {"params": w[2:], "total_steps": 6}],
-                         total_steps=10, fused=False)
+                         total_steps=10, fused=False, foreach=False)
 
 
 def test_a_group_added_after_loading_takes_the_loaded_global_value():
     """The global value is the groups' one: a checkpoint's total_steps (10) wins over the
     constructor's (999), and a group added later takes it rather than the constructor's."""
     w = list(make_model().parameters())
-    src = pf.InexactPolyak(w[:2], total_steps=10, fused=False)
-    opt = pf.InexactPolyak(w[:2], total_steps=999, fused=False)
+    src = pf.InexactPolyak(w[:2], total_steps=10, fused=False, foreach=False)
+    opt = pf.InexactPolyak(w[:2], total_steps=999, fused=False, foreach=False)
     opt.load_state_dict(src.state_dict())
     opt.add_param_group({"params": w[2:]})
     assert [g["total_steps"] for g in opt.param_groups] == [10, 10]
@@ -516,13 +516,13 @@ def test_a_low_precision_first_parameter_does_not_round_the_scalars(dtype, fused
 def test_float64_scalars_behind_a_float32_first_parameter_keep_their_bits():
     a = torch.nn.Parameter(torch.tensor([0.3, -0.7]))
     b = torch.nn.Parameter(torch.tensor([1.1, 0.2], dtype=torch.float64))
-    opt = pf.AdaSPS([a, b], fused=False)
+    opt = pf.AdaSPS([a, b], fused=False, foreach=False)
     for t in range(3):
         a.grad, b.grad = torch.tensor([0.5, t + 0.1]), torch.tensor([0.3, -0.2], dtype=torch.float64)
         opt.step(loss=1.0 / 3 + t)
     assert opt.scalars["gap_sum"].dtype == torch.float64
     fresh = pf.AdaSPS([a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()],
-                      fused=False)
+                      fused=False, foreach=False)
     fresh.load_state_dict(through_bytes(opt.state_dict()))
     for n, v in opt.scalars.items():
         assert_bitwise_equal(fresh.scalars[n], v, f"scalars[{n!r}]")
@@ -532,8 +532,8 @@ def test_float64_scalars_behind_a_float32_first_parameter_keep_their_bits():
 OLD = {
     "inexact_polyak_best": lambda ps: pf.InexactPolyak(
         [{"params": ps[:1]}, {"params": ps[1:], "lr": 1 / 3}], total_steps=20,
-        lower_bound=0.01, track_best=True, fused=False),
-    "dog": lambda ps: pf.DoG(ps, reps_rel=1e-2, fused=False),
+        lower_bound=0.01, track_best=True, fused=False, foreach=False),
+    "dog": lambda ps: pf.DoG(ps, reps_rel=1e-2, fused=False, foreach=False),
 }
 
 
@@ -607,7 +607,7 @@ def test_old_checkpoints_load_and_resume_bitwise(name, fmt):
 def test_an_optimizer_pickled_with_the_older_layout_unpickles():
     """An optimizer pickled whole by commit e9a6c3b held its scalars in opt.state["scalars"]
     (made here by moving them there: the pickle has no other trace of the version)."""
-    model, opt = trained(lambda p: pf.DoG(p, fused=False))
+    model, opt = trained(lambda p: pf.DoG(p, fused=False, foreach=False))
     expected = {n: v.clone() for n, v in opt.scalars.items()}
     first = first_param(opt)
     opt.state["scalars"] = {n: opt.state[first].pop(n) for n in scalar_names(opt)}

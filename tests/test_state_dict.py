@@ -135,7 +135,7 @@ def test_state_dict_holds_plain_values():
     LBFGS keeps its global state) and the per-parameter buffers."""
     model = make_model()
     opt = pf.InexactPolyak(model.parameters(), total_steps=123, lower_bound=0.5, track_best=True,
-                           fused=False)
+                           fused=False, foreach=False)
     train_steps(model, opt, range(2))
     sd = opt.state_dict()
     assert sd["param_groups"][0]["total_steps"] == 123
@@ -158,12 +158,12 @@ def test_torch_distributed_checkpoint_helpers_round_trip():
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
     model = make_model()
-    opt = pf.InexactPolyak(model.parameters(), total_steps=50, track_best=True, fused=False)
+    opt = pf.InexactPolyak(model.parameters(), total_steps=50, track_best=True, fused=False, foreach=False)
     train_steps(model, opt, range(3))
     sd = get_optimizer_state_dict(model, opt)
     model_b = make_model()
     model_b.load_state_dict(model.state_dict())
-    opt_b = pf.InexactPolyak(model_b.parameters(), total_steps=50, track_best=True, fused=False)
+    opt_b = pf.InexactPolyak(model_b.parameters(), total_steps=50, track_best=True, fused=False, foreach=False)
     set_optimizer_state_dict(model_b, opt_b, sd)
     assert_same_snapshot(snapshot(opt_b), snapshot(opt), what="after set_optimizer_state_dict: ")
     train_steps(model, opt, range(3, 5))
@@ -177,14 +177,14 @@ def test_loaded_total_steps_is_the_one_used():
         opt.step(loss=2.0)
 
     x_ref = torch.nn.Parameter(torch.tensor([0.5, 0.25], dtype=torch.float64))
-    ref = pf.InexactPolyak([x_ref], total_steps=10, fused=False)
+    ref = pf.InexactPolyak([x_ref], total_steps=10, fused=False, foreach=False)
     one_step(ref, x_ref)
     x_ref_2 = torch.nn.Parameter(torch.tensor([0.5, 0.25], dtype=torch.float64))
-    src = pf.InexactPolyak([x_ref_2], total_steps=10, fused=False)
+    src = pf.InexactPolyak([x_ref_2], total_steps=10, fused=False, foreach=False)
     sd = src.state_dict()
 
     x = torch.nn.Parameter(torch.tensor([0.5, 0.25], dtype=torch.float64))
-    opt = pf.InexactPolyak([x], total_steps=999, fused=False)   # a different T in the ctor
+    opt = pf.InexactPolyak([x], total_steps=999, fused=False, foreach=False)   # a different T in the ctor
     try:
         opt.load_state_dict(sd)
     except ValueError:

@@ -44,7 +44,7 @@ def run(make_opt, L1: float, steps: int, *, track_best=False) -> float:
 @pytest.fixture(scope="module")
 def inexact_polyak_gaps():
     return {L1: run(lambda p: pf.InexactPolyak(p, total_steps=1000, lower_bound=PAPER_LOWER_BOUND,
-                                               track_best=True, fused=False),
+                                               track_best=True, fused=False, foreach=False),
                     L1, 1000, track_best=True)
             for L1 in L1S}
 
@@ -59,15 +59,15 @@ def test_inexact_polyak_needs_the_best_iterate():
     """On this function the last iterate bounces: without best tracking the last point is far
     worse (this is why Algorithm 1 returns x_best). Guards against a test that passes because
     the iterates simply converge."""
-    last = run(lambda p: pf.InexactPolyak(p, total_steps=1000, fused=False), 1000, 1000)
-    best = run(lambda p: pf.InexactPolyak(p, total_steps=1000, track_best=True, fused=False),
+    last = run(lambda p: pf.InexactPolyak(p, total_steps=1000, fused=False, foreach=False), 1000, 1000)
+    best = run(lambda p: pf.InexactPolyak(p, total_steps=1000, track_best=True, fused=False, foreach=False),
                1000, 1000, track_best=True)
     assert best < 1e-3 and last > 100 * best, (last, best)
 
 
 def test_gd_with_paper_learning_rates_degrades_with_L1(inexact_polyak_gaps):
     # plain GD = ClippedSGD with no clipping
-    gaps = {L1: run(lambda p, L1=L1: pf.ClippedSGD(p, lr=PAPER_GD_LR[L1], fused=False), L1, 500)
+    gaps = {L1: run(lambda p, L1=L1: pf.ClippedSGD(p, lr=PAPER_GD_LR[L1], fused=False, foreach=False), L1, 500)
             for L1 in L1S}
     assert gaps[1] < 1e-10, gaps
     assert gaps[1000] > 100.0, gaps
@@ -79,7 +79,7 @@ def test_gd_matches_torch_sgd_on_one_case():
     """ClippedSGD(max_norm=inf) used above is GD: same result as torch.optim.SGD."""
     problem = LZeroLOneQuartic(L0=1.0, L1=100.0, f_star=1.0)
     xs = [torch.nn.Parameter(torch.tensor([PAPER_X0], dtype=torch.float64)) for _ in range(2)]
-    opts = [pf.ClippedSGD([xs[0]], lr=PAPER_GD_LR[100], fused=False),
+    opts = [pf.ClippedSGD([xs[0]], lr=PAPER_GD_LR[100], fused=False, foreach=False),
             torch.optim.SGD([xs[1]], lr=PAPER_GD_LR[100])]
     for _ in range(50):
         for x, opt in zip(xs, opts):
@@ -91,7 +91,7 @@ def test_gd_matches_torch_sgd_on_one_case():
 
 def test_decsps_degrades_with_L1(inexact_polyak_gaps):
     gaps = {L1: run(lambda p: pf.DecSPS(p, c0=1.0, gamma_b=10.0, lower_bound=PAPER_LOWER_BOUND,
-                                        fused=False), L1, 1000)
+                                        fused=False, foreach=False), L1, 1000)
             for L1 in L1S}
     assert gaps[1] < 1e-3, gaps
     assert gaps[1000] > 1e3, gaps

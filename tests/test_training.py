@@ -46,16 +46,16 @@ def regression_task(dtype):
 
 
 CONFIGS = {
-    "inexact_polyak": lambda p: pf.InexactPolyak(p, total_steps=STEPS, fused=False),
-    "polyak": lambda p: pf.Polyak(p, fused=False),
-    "decsps": lambda p: pf.DecSPS(p, fused=False),
-    "adasps": lambda p: pf.AdaSPS(p, fused=False),
-    "dog": lambda p: pf.DoG(p, fused=False),
-    "clipped_sgd": lambda p: pf.ClippedSGD(p, lr=0.1, max_norm=1.0, fused=False),
-    "nsgdm": lambda p: pf.NSGDM(p, lr=0.01, fused=False),
-    "nsgdm_agnostic": lambda p: pf.NSGDM(p, lr=0.05, schedule="agnostic", fused=False),
-    "momo": lambda p: pf.MoMo(p, fused=False),
-    "momo_adam": lambda p: pf.MoMoAdam(p, fused=False),
+    "inexact_polyak": lambda p: pf.InexactPolyak(p, total_steps=STEPS, fused=False, foreach=False),
+    "polyak": lambda p: pf.Polyak(p, fused=False, foreach=False),
+    "decsps": lambda p: pf.DecSPS(p, fused=False, foreach=False),
+    "adasps": lambda p: pf.AdaSPS(p, fused=False, foreach=False),
+    "dog": lambda p: pf.DoG(p, fused=False, foreach=False),
+    "clipped_sgd": lambda p: pf.ClippedSGD(p, lr=0.1, max_norm=1.0, fused=False, foreach=False),
+    "nsgdm": lambda p: pf.NSGDM(p, lr=0.01, fused=False, foreach=False),
+    "nsgdm_agnostic": lambda p: pf.NSGDM(p, lr=0.05, schedule="agnostic", fused=False, foreach=False),
+    "momo": lambda p: pf.MoMo(p, fused=False, foreach=False),
+    "momo_adam": lambda p: pf.MoMoAdam(p, fused=False, foreach=False),
 }
 
 # DoG is left out in bf16: its first steps have length ~reps_rel (1 + ||x0||) ~ 1e-5, below the
@@ -97,7 +97,7 @@ def test_training_bfloat16(name):
 def test_bfloat16_scalars_are_fp32():
     """Math in fp32 for bf16 tensors: the step size is held in float32, not bfloat16."""
     X, y, model = regression_task(torch.bfloat16)
-    opt = pf.InexactPolyak(model.parameters(), total_steps=10, fused=False)
+    opt = pf.InexactPolyak(model.parameters(), total_steps=10, fused=False, foreach=False)
     loss = torch.nn.functional.mse_loss(model(X).float(), y.float())
     loss.backward()
     opt.step(loss=loss)

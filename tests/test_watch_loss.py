@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import polyak_fused as pf
+import polyak_fused._foreach
 
 K = 3
 MICRO = 4
@@ -39,7 +40,10 @@ FACTORIES = {
     "MoMoAdam": lambda ps, **kw: pf.MoMoAdam(ps, lr=0.05, **kw),
 }
 POLYAK_FAMILY = ["InexactPolyak", "Polyak", "DecSPS", "AdaSPS", "MoMo", "MoMoAdam"]
-PATHS = {"reference": (False, torch.float64, 1e-12), "fused": (True, torch.float32, 1e-5)}
+#: path -> (the optimizer's path arguments, dtype, rtol)
+PATHS = {"reference": (dict(foreach=False), torch.float64, 1e-12),
+         "foreach": (dict(foreach=True), torch.float64, 1e-12),
+         "fused": (dict(fused=True), torch.float32, 1e-5)}
 
 
 def every_path(names):
@@ -65,10 +69,10 @@ def mse(model, x, y, reduction="mean"):
     return torch.nn.functional.mse_loss(model(x), y, reduction=reduction)
 
 
-def big_batch_run(name, fused, dtype, reduction="mean"):
+def big_batch_run(name, path_args, dtype, reduction="mean"):
     """The target: one backward over the whole batch, its loss given explicitly."""
     model = make_model(dtype)
-    opt = FACTORIES[name](model.parameters(), fused=fused)
+    opt = FACTORIES[name](model.parameters(), **path_args)
     for x, y in make_batches(dtype):
         opt.zero_grad()
         loss = mse(model, x, y, reduction)
@@ -117,7 +121,7 @@ def test_accumulated_micro_batches_take_the_big_batch_step(name, how, path):
     fused, dtype, rtol = PATHS[path]
     expected, expected_opt = big_batch_run(name, fused, dtype, "sum" if how == "sum" else "mean")
     model = make_model(dtype)
-    opt = FACTORIES[name](model.parameters(), fused=fused)
+    opt = FACTORIES[name](model.parameters(), **fused)
     for x, y in make_batches(dtype):
         opt.zero_grad()
         accumulate(model, opt, x, y, how)
@@ -134,7 +138,7 @@ def test_zero_grad_between_backward_and_step_drops_that_backwards_loss(path):
     fused, dtype, rtol = PATHS[path]
     expected, _ = big_batch_run("InexactPolyak", fused, dtype)
     model = make_model(dtype)
-    opt = FACTORIES["InexactPolyak"](model.parameters(), fused=fused)
+    opt = FACTORIES["InexactPolyak"](model.parameters(), **fused)
     for x, y in make_batches(dtype):
         junk = opt.watch_loss(mse(model, x * 3.0, y - 2.0))   # a backward the user throws away
         junk.backward()
@@ -183,7 +187,7 @@ def test_a_closure_whose_backward_reaches_a_watched_loss_uses_the_watched_sum(pa
     fused, dtype, rtol = PATHS[path]
     expected, _ = big_batch_run("InexactPolyak", fused, dtype)
     model = make_model(dtype)
-    opt = FACTORIES["InexactPolyak"](model.parameters(), fused=fused)
+    opt = FACTORIES["InexactPolyak"](model.parameters(), **fused)
     for x, y in make_batches(dtype):
         opt.zero_grad()
         parts = list(micro_batches(x, y))
@@ -201,7 +205,7 @@ def test_a_closure_whose_backward_reaches_a_watched_loss_uses_the_watched_sum(pa
 
 
 def test_a_closure_without_watched_loss_uses_its_return_value():
-    expected, _ = big_batch_run("InexactPolyak", False, torch.float64)
+    expected, _ = big_batch_run("InexactPolyak", dict(foreach=False), torch.float64)
     model = make_model(torch.float64)
     opt = FACTORIES["InexactPolyak"](model.parameters())
     for x, y in make_batches(torch.float64):
@@ -305,12 +309,15 @@ class NoHostSync:
 
 
 @pytest.mark.parametrize("name, path", every_path(FACTORIES))
-def test_watched_step_makes_no_host_sync(name, path):
+def test_watched_step_makes_no_host_sync(name, path, monkeypatch):
     """A watched loss with accumulation; the fused path here runs under the Triton interpreter,
-    which works on the CPU tensors' memory without calling any of the guarded methods."""
+    which works on the CPU tensors' memory without calling any of the guarded methods. The
+    foreach path runs its device form (what it does off the CPU; on the CPU it reads its step
+    size on the host, which stalls no device)."""
+    monkeypatch.setattr(polyak_fused._foreach, "HOST_DEVICES", ())
     fused, dtype, _ = PATHS[path]
     model = make_model(dtype)
-    opt = FACTORIES[name](model.parameters(), fused=fused)
+    opt = FACTORIES[name](model.parameters(), **fused)
     guard = NoHostSync(opt)
     try:
         for x, y in make_batches(dtype):

@@ -13,7 +13,7 @@ Methods (``METHODS``): SGD and clipped SGD (``ClippedSGD``, tuned on an lr x cli
 grid), MoMo and MoMo-Adam (``pf.MoMo`` / ``pf.MoMoAdam`` at their default lr, 1 and 1e-2, lb = 0),
 and the parameter-free Polyak (f* = 0), DecSPS, AdaSPS, DoG and Inexact Polyak (T = number of
 steps, last iterate, as the paper does for networks). The package's optimizers are built with
-``fused=None`` unless told otherwise: the Triton kernels on CUDA, the eager reference on the CPU.
+``fused=None`` unless told otherwise: the Triton kernels on CUDA, the foreach path on the CPU.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class TrainConfig:
     test_batches: int = 100     # batches of test at the end
     seed: int = 0
     device: str = "cpu"
-    fused: bool | None = None   # None: Triton on CUDA, eager reference on the CPU
+    fused: bool | None = None   # None: Triton on CUDA, the foreach path on the CPU
+    foreach: bool | None = None  # False: the eager reference
     amp: bool = True            # bfloat16 autocast on CUDA (never on the CPU)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -211,7 +212,8 @@ class TrainConfig:
 
 
 def make_optimizer(method: str, params, *, total_steps: int, lr: float | None = None,
-                   clip: float | None = None, fused: bool | None = None):
+                   clip: float | None = None, fused: bool | None = None,
+                   foreach: bool | None = None):
     """The optimizer for a method name; lr (and clip) only for the TUNED methods."""
     if method in TUNED and lr is None:
         raise ValueError(f"{method} needs lr")
@@ -219,21 +221,21 @@ def make_optimizer(method: str, params, *, total_steps: int, lr: float | None = 
         return torch.optim.AdamW(params, lr=lr)  # torch's defaults otherwise (weight decay 0.01)
     if method in ("sgd", "clipped_sgd"):
         max_norm = math.inf if method == "sgd" or clip is None else clip
-        return pf.ClippedSGD(params, lr=lr, max_norm=max_norm, fused=fused)
+        return pf.ClippedSGD(params, lr=lr, max_norm=max_norm, fused=fused, foreach=foreach)
     if method == "polyak":
-        return pf.Polyak(params, f_star=0.0, fused=fused)
+        return pf.Polyak(params, f_star=0.0, fused=fused, foreach=foreach)
     if method == "decsps":
-        return pf.DecSPS(params, fused=fused)
+        return pf.DecSPS(params, fused=fused, foreach=foreach)
     if method == "adasps":
-        return pf.AdaSPS(params, fused=fused)
+        return pf.AdaSPS(params, fused=fused, foreach=foreach)
     if method == "dog":
-        return pf.DoG(params, fused=fused)
+        return pf.DoG(params, fused=fused, foreach=foreach)
     if method == "momo":
-        return pf.MoMo(params, fused=fused)
+        return pf.MoMo(params, fused=fused, foreach=foreach)
     if method == "momo_adam":
-        return pf.MoMoAdam(params, fused=fused)
+        return pf.MoMoAdam(params, fused=fused, foreach=foreach)
     if method == "inexact_polyak":
-        return pf.InexactPolyak(params, total_steps=total_steps, fused=fused)
+        return pf.InexactPolyak(params, total_steps=total_steps, fused=fused, foreach=foreach)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -311,7 +313,7 @@ def train_run(method: str, data: CharData, cfg: TrainConfig, evaluator: Evaluato
     torch.manual_seed(cfg.seed)
     model = CharGPT(cfg.model_config(data.vocab_size)).to(cfg.device)
     opt = make_optimizer(method, model.parameters(), total_steps=cfg.steps, lr=lr, clip=clip,
-                         fused=cfg.fused)
+                         fused=cfg.fused, foreach=cfg.foreach)
     batches = torch.Generator().manual_seed(cfg.seed + 1)
     result = RunResult(method, lr, clip)
     start = time.perf_counter()
@@ -398,7 +400,7 @@ def time_steps(data: CharData, cfg: TrainConfig, steps: int = 8) -> dict:
     evaluator = Evaluator(data, cfg)
     torch.manual_seed(cfg.seed)
     model = CharGPT(cfg.model_config(data.vocab_size)).to(cfg.device)
-    opt = make_optimizer("sgd", model.parameters(), total_steps=steps, lr=1e-3, fused=cfg.fused)
+    opt = make_optimizer("sgd", model.parameters(), total_steps=steps, lr=1e-3, fused=cfg.fused, foreach=cfg.foreach)
     batches = torch.Generator().manual_seed(cfg.seed + 1)
     times = []
     for _ in range(steps + 1):

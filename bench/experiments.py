@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPT methods, comma-separated (default: all of " + ",".join(G.METHODS)
                         + ")")
     p.add_argument("--reference", action="store_true",
-                   help="use the eager reference optimizers (fused=False) on CUDA too")
+                   help="use the eager reference optimizers (foreach=False), on CUDA too")
     p.add_argument("--threads", type=_threads, default="auto",
                    help="torch CPU threads, or auto (default): the usable cores that the load "
                         "average does not show busy, at least 1")
@@ -203,7 +203,7 @@ def gpt_config(args: argparse.Namespace) -> tuple[G.TrainConfig, tuple, tuple, t
     steps = args.steps or size["gpt"]["steps"]
     cfg = G.TrainConfig(**{**size["gpt"], "steps": steps},
                         eval_every=max(1, steps // size["evals"]), seed=args.seed,
-                        device=args.device, fused=False if args.reference else None)
+                        device=args.device, foreach=False if args.reference else None)
     return (cfg, args.lrs or size["lrs"], args.clips or size["clips"],
             args.adamw_lrs or size["adamw_lrs"])
 
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         result = S.run(syn_cfg, progress=progress)
         info["synthetic_seconds"] = f"{time.perf_counter() - start:.1f}"
-        info["synthetic_device"] = "cpu, float64, eager reference (fused=False)"
+        info["synthetic_device"] = "cpu, float64, foreach path (the default on the CPU)"
         outputs += list(S.write_csvs(result, args.out).values())
         outputs.append(S.plot(result, os.path.join(args.out, "synthetic.png")))
         print(synthetic_tables(result), end="\n\n", flush=True)
@@ -419,8 +419,8 @@ def main(argv=None) -> int:
                      "gpt_lr_grid": " ".join(f"{v:g}" for v in lrs),
                      "gpt_clip_grid": " ".join(f"{v:g}" for v in clips),
                      "gpt_adamw_lr_grid": " ".join(f"{v:g}" for v in adamw_lrs),
-                     "gpt_optimizers": ("eager reference (fused=False)" if args.reference
-                                        else "fused=None (Triton on CUDA, reference on CPU)")})
+                     "gpt_optimizers": ("eager reference (foreach=False)" if args.reference
+                                        else "default path (Triton on CUDA, foreach on CPU)")})
         outputs += list(G.write_csvs(exp, args.out).values())
         outputs.append(G.plot_curves(exp, os.path.join(args.out, "gpt_curves.png")))
         outputs.append(G.plot_test(exp, os.path.join(args.out, "gpt_test.png")))

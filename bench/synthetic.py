@@ -2,7 +2,7 @@
 
 f(x) = (L0 L1^2 / 72) x^4 + (L0 / 4) x^2 + f*, with L0 = 1, f* = 1, l* = 0, x0 = 5 and
 L1 in {1, 10, 100, 1000} (polyak_fused.problems). Every method runs on one float64 scalar with the
-package's optimizers (the eager reference, fused=False) and the exact gradient:
+package's optimizers (their default path: foreach on the CPU) and the exact gradient:
 
   (a) GD           ClippedSGD(lr from Table 3, max_norm=inf), 500 iterations
   (b) clipped GD   ClippedSGD(lr=0.1, max_norm=c from Table 3), 500 iterations
@@ -93,14 +93,14 @@ def hyperparameters(cfg: SyntheticConfig, method: str, l1: float) -> dict:
 
 def _make_optimizer(method: str, x: torch.Tensor, hp: dict):
     if method in ("gd", "clipped_gd"):
-        return pf.ClippedSGD([x], lr=hp["lr"], max_norm=hp["max_norm"], fused=False)
+        return pf.ClippedSGD([x], lr=hp["lr"], max_norm=hp["max_norm"])
     if method == "polyak":
-        return pf.Polyak([x], f_star=0.0, fused=False)  # given f - f* as the loss, see module doc
+        return pf.Polyak([x], f_star=0.0)  # given f - f* as the loss, see module doc
     if method == "decsps":
         return pf.DecSPS([x], c0=hp["c0"], gamma_b=hp["gamma_b"],
-                         lower_bound=hp["lower_bound"], fused=False)
+                         lower_bound=hp["lower_bound"])
     if method == "adasps":
-        return pf.AdaSPS([x], c_p=hp["c_p"], lower_bound=hp["lower_bound"], fused=False)
+        return pf.AdaSPS([x], c_p=hp["c_p"], lower_bound=hp["lower_bound"])
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -131,7 +131,7 @@ def run_inexact_polyak(cfg: SyntheticConfig, l1: float, total_steps: int) -> dic
     problem = _problem(cfg, l1)
     x = _start(cfg)
     opt = pf.InexactPolyak([x], total_steps=total_steps, lower_bound=PAPER_LOWER_BOUND,
-                           track_best=True, fused=False)
+                           track_best=True)
     for _ in range(total_steps):
         x.grad = problem.grad(x)
         opt.step(loss=problem(x))

@@ -148,7 +148,8 @@ def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_dec
         if weight_decay == 0:         # divided by S^2 below)
             return F.dots(gs, gs)
         d = torch._foreach_add(F.unscaled(gs, grad_scale), F.up_all(xs), alpha=weight_decay)
-        return F.dots(d, d)                                           # d_t = g_t + lambda x_t
+                                                                      # d_t = g_t + lambda x_t
+        return F.dots(d, d)
 
     # One pass over x, x_0 (and g, when every parameter has one): ||x_t - x_0||^2, ||x_0||^2,
     # ||d_t||^2, block by block (each block's x_0 is read once).

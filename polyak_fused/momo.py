@@ -334,8 +334,12 @@ def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay,
                  for st in steps]
         for (minus_tau, w), (xs, gs, ds) in F.blocks_with_coefs(coefs, list(params), grads,
                                                                 list(grad_avgs)):
+            g = F.unscaled(gs, grad_scale)
             with F.updating(ds, finite) as d, F.updating(xs, finite) as x:
-                torch._foreach_copy_(d, average_of(ds, F.unscaled(gs, grad_scale)))
+                if seed_here is not False:                              # (a host False: no seed)
+                    torch._foreach_copy_(d, F.select(seed_here, g, d))
+                torch._foreach_mul_(d, beta)                            # d_k, as in the first pass
+                torch._foreach_add_(d, g, alpha=1 - beta)
                 F.add_(x, d, minus_tau)                                 # x <- (x - tau d) / w
                 if weight_decay:
                     torch._foreach_div_(x, w)

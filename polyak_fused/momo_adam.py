@@ -250,23 +250,26 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
     rho = E.one_minus_power(beta1, k)
     bias2 = F.number(E.one_minus_power(beta2, k), like)
 
-    def moments_of(ds, vs, g):                            # d_k, v_k and D_k of one block
-        d = torch._foreach_mul(F.up_all(ds), beta1)
-        torch._foreach_add_(d, g, alpha=1 - beta1)                    # beta1 d + (1-beta1) g
-        v = torch._foreach_mul(F.up_all(vs), beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)             # beta2 v + (1-beta2) g^2
+    def into_second_moment(v, g):                         # v_k = beta2 v + (1-beta2) g^2
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+
+    def denominator_of(v):                                # D_k = sqrt(v_k / bias2) + eps
         D = torch._foreach_div(v, bias2)
         torch._foreach_sqrt_(D)
-        torch._foreach_add_(D, eps)                                   # sqrt(v / bias2) + eps
-        return d, v, D
+        torch._foreach_add_(D, eps)
+        return D
 
     gx, dx, dd = [], [], []   # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k; d, v not yet written
     for xs, gs, ds, vs in F.blocks(list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
         g = F.unscaled(gs, grad_scale)
-        d, _, D = moments_of(ds, vs, g)
+        d = torch._foreach_lerp(F.up_all(ds), g, 1 - beta1)         # d_k = beta1 d + (1-beta1) g
+        v = torch._foreach_mul(F.up_all(vs), beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)             # v_k
+        D = denominator_of(v)
         gx += F.dots(g, xs)
         dx += F.dots(d, xs)
-        dd += F.dots(d, torch._foreach_div(d, D))
+        dd += F.dots(d, torch._foreach_div(d, D))                    # sum d_k^2 / D_k
     loss, gx, dx, d_sq = E.across_ranks(loss, *(F.block_sums(p, dt, like.device)
                                                for p in (gx, dx, dd)))
     finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
@@ -282,14 +285,15 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
             for st in steps]
         for (minus_tau, w), (xs, gs, ds, vs) in F.blocks_with_coefs(
                 coefs, list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
-            d_k, v_k, D = moments_of(ds, vs, F.unscaled(gs, grad_scale))
+            g = F.unscaled(gs, grad_scale)
             with F.updating(ds, finite) as d, F.updating(vs, finite) as v, \
                     F.updating(xs, finite) as x:
-                torch._foreach_copy_(d, d_k)
-                torch._foreach_copy_(v, v_k)
+                torch._foreach_lerp_(d, g, 1 - beta1)                 # d_k, v_k, D_k as in the
+                into_second_moment(v, g)                              # first pass
+                D = denominator_of(v)
                 if weight_decay and not divide:
                     torch._foreach_mul_(x, w)                        # AdamW: x (1 - alpha lambda)
-                F.addcdiv_(x, d_k, D, minus_tau)                      # x - tau d / D
+                F.addcdiv_(x, d, D, minus_tau)                        # x - tau d / D
                 if weight_decay and divide:
                     torch._foreach_div_(x, w)                # proximal: / (1 + alpha lambda)
     commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)

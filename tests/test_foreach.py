@@ -180,6 +180,26 @@ def test_foreach_matches_the_reference_across_dtypes(name, mix, form, small_bloc
     compare(opt, ref, params, ref_params, torch.bfloat16, f"{name}/{mix}/{form}")
 
 
+#: The configurations whose host form updates whole tensors in place (x <- x - c g).
+IN_PLACE_ON_THE_HOST = {"inexact_polyak", "inexact_polyak_best", "polyak_sps_max", "polyak",
+                        "decsps", "adasps", "clipped_sgd"}
+
+
+def test_the_dot_products_are_cut_at_a_block(small_blocks, monkeypatch):
+    """Each dot product of the sums covers at most BLOCK elements (their accuracy)."""
+    lengths = []
+    real_dot = torch.dot
+
+    def recording_dot(a, b):
+        lengths.append(a.numel())
+        return real_dot(a, b)
+
+    monkeypatch.setattr(torch, "dot", recording_dot)
+    total = F.sum_of_squares([torch.randn(5003), torch.randn(7, 13)], torch.float64)
+    assert max(lengths) <= SMALL_BLOCK and len(lengths) == 20 + 1
+    assert torch.isfinite(total)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_small_block_cuts_the_step_into_blocks(name, form, small_blocks, monkeypatch):
     """With BLOCK = SMALL_BLOCK every block the step works on holds at most that many elements,
@@ -200,6 +220,11 @@ def test_a_small_block_cuts_the_step_into_blocks(name, form, small_blocks, monke
     for _ in range(2):
         set_grads(params, random_grads(params, gen))
         opt.step(loss=random_loss(gen))
+    if form == "host" and name in IN_PLACE_ON_THE_HOST:
+        # one pass of in-place foreach ops over whole tensors and blocked dot products: no
+        # temporaries, hence no blocks; the dot products are cut at BLOCK (checked below)
+        assert not made, f"{name}: blocks on the host, where the update needs none"
+        return
     assert made, f"{name}: the step made no blocks"
     for block in made:
         n = sum(t.numel() for t in block)

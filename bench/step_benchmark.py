@@ -4,15 +4,17 @@
     python -m bench.step_benchmark --device cuda    # GPU: GPT-2 124M, Llama ~1B, 2000 tiny, 4 huge
 
 Providers (all in the same process, on the same parameter and gradient tensors):
-  reference       the package's eager for-loop reference (the optimizer with fused=False)
-  foreach_item    torch._foreach_* version, step size computed on the host (one .tolist() sync)
-  foreach         torch._foreach_* version, every scalar a device tensor (no sync)
-  compiled        torch.compile of the `foreach` step function (compile time reported apart)
+  reference       the package's eager for-loop reference (the optimizer with foreach=False)
+  foreach         the package's torch._foreach_* path (the optimizer with foreach=True): on the
+                  CPU the step size is read on the host, elsewhere every scalar stays a device
+                  tensor (no sync); docs/paths.md
   fused           the package's Triton path (fused=None on CUDA tensors); GPU only
   torch_sgd_clip  ClippedSGD only: clip_grad_norm_(foreach=True) + torch.optim.SGD (fused=True on
                   CUDA, foreach=True on CPU), the everyday baseline
-The foreach versions live in bench/baselines.py; tests/test_bench.py checks them against the
-reference.
+Every provider of a method is the package's own implementation (one implementation per method;
+tests/test_foreach.py checks the foreach path against the reference), or torch's.
+bench/foreach_benchmark.py times the foreach path against torch's optimizers on the GPT-2 124M
+layout on the CPU.
 
 What is measured, per (optimizer, layout, dtype, provider):
   * time per step: CUDA events around one step() (the device idle when it starts, so host launch
@@ -28,8 +30,8 @@ What is measured, per (optimizer, layout, dtype, provider):
   * launches: CUDA: device kernels (and memcpy/memset) per step, from torch.profiler. CPU: the
     number of top-level aten ops per step (a proxy for dispatch overhead).
   * syncs (CUDA only): host syncs per step, counted with torch.cuda.set_sync_debug_mode("warn").
-  * compile_s: wall time of the first call of `compiled` (dynamo + inductor + one step) and of
-    `fused` (Triton JIT, possibly from the on-disk cache, + table building + one step).
+  * compile_s: wall time of the first call of `fused` (Triton JIT, possibly from the on-disk
+    cache, + table building + one step).
 Results go to a long-format CSV (one row per measurement, written as soon as it is taken) and a
 PNG plot (``--plot-only X.csv`` redraws it); ``python -m bench.readme_table <csv>`` makes the
 tables of docs/benchmarks.md. bench/NOTES.md has the floor, the traffic budget and how to run it
@@ -46,10 +48,8 @@ import gc
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,11 +58,11 @@ from pathlib import Path
 import torch
 
 import polyak_fused as pf
-from bench import baselines
 from bench import layouts as L
+from bench import readme_table
 from bench.readme_table import read_rows
 
-PROVIDERS = ("reference", "foreach_item", "foreach", "compiled", "torch_sgd_clip", "fused")
+PROVIDERS = ("reference", "foreach", "torch_sgd_clip", "fused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -99,6 +99,10 @@ OPTIMIZERS = {
 }
 
 
+#: The methods whose step reads g twice (reduce, update), reads x and writes x: 4E.
+FOUR_E_METHODS = ("inexact_polyak", "polyak", "decsps", "adasps", "clipped_sgd")
+
+
 def bytes_per_param(method: str, dtype: torch.dtype, hparams: dict | None = None) -> int:
     """Algorithmic bytes per parameter of one step, from the traffic comments of the kernels in
     polyak_fused/_kernels/polyak_step.py (E = bytes per element of the parameter dtype):
@@ -125,7 +129,7 @@ def bytes_per_param(method: str, dtype: torch.dtype, hparams: dict | None = None
         return 11 * e
     if method == "clipped_sgd" and hparams.get("momentum", 0.0) > 0:
         return 6 * e
-    if method in baselines.METHODS:
+    if method in FOUR_E_METHODS:
         return 4 * e
     raise ValueError(f"unknown method: {method!r}")
 
@@ -139,7 +143,8 @@ def git_sha() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
                              capture_output=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "polyak_fused",
-                                "bench/baselines.py", "bench/step_benchmark.py"],
+                                "bench/step_benchmark.py",
+                                "bench/foreach_benchmark.py"],
                                cwd=root, text=True, capture_output=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -405,24 +410,16 @@ def count_syncs(step, work: Workload, i: int) -> float | None:
 # ------------------------------------------------------------------------------------------------
 def make_provider(name: str, method: str, spec: OptSpec, work: Workload):
     """A callable step(loss) for `name`, or raise."""
-    needs_loss = method in baselines.NEEDS_LOSS
     hp = dict(spec.hparams)
-    if name in ("reference", "fused"):
-        fused = False if name == "reference" else None
-        opt = spec.cls(work.params, lr=spec.lr, fused=fused, **hp)
-        if name == "fused":
-            from polyak_fused._optimizer import use_fused_path
-            if not use_fused_path(None, work.params):
-                raise RuntimeError("fused=None did not pick the Triton path for these tensors")
-        if needs_loss:
+    if name in ("reference", "foreach", "fused"):
+        path = {"reference": {"foreach": False}, "foreach": {"foreach": True},
+                "fused": {"fused": None}}[name]
+        opt = spec.cls(work.params, lr=spec.lr, **path, **hp)
+        if opt.path != name:
+            raise RuntimeError(f"{path} took the {opt.path} path for these tensors, not {name}")
+        if spec.cls.NEEDS_LOSS:
             return lambda loss: opt.step(loss=loss)
         return lambda loss: opt.step()
-    if name in ("foreach", "foreach_item", "compiled"):
-        if name == "compiled":
-            torch._dynamo.reset()   # a fresh cache: no recompile limit carried between configs
-        b = baselines.make_baseline(method, work.data, work.grads, item=(name == "foreach_item"),
-                                    compile=(name == "compiled"), lr=spec.lr, **hp)
-        return b.step
     if name == "torch_sgd_clip":
         if method != "clipped_sgd":
             raise ValueError("torch_sgd_clip is the ClippedSGD baseline only")
@@ -459,7 +456,6 @@ class Settings:
     layouts: list[str]
     dtypes: list[str]
     providers: list[str]
-    compile: str
     target_s: float
     min_reps: int
     max_reps: int
@@ -469,7 +465,6 @@ class Settings:
     plot: bool
     budget_s: float | None
     seed: int
-    warm_compile_cache: bool = False
     profile: bool = True
     git_sha: str | None = None
     system_malloc: bool = False
@@ -478,46 +473,15 @@ class Settings:
     meta: dict = field(default_factory=dict)
 
 
-#: Which configs get the compiled provider. Compiling costs tens of seconds to minutes per
-#: (method, layout, dtype) (dynamo + inductor re-lower the step for every tensor: about 30 s for
-#: the 148-tensor GPT-2 step on the two-core CPU), so only "all" compiles everything; "headline"
-#: leaves out layouts of more than 500 tensors, whose compile may alone take minutes.
-COMPILE_POLICIES = {
-    "all": lambda method, layout, dtype: True,
-    "headline": lambda method, layout, dtype: (method == "inexact_polyak" and dtype == "float32"
-                                               and layout.n_tensors <= 500),
-    "gpt2": lambda method, layout, dtype: (method == "inexact_polyak" and dtype == "float32"
-                                           and layout.name.startswith("gpt2")),
-    "none": lambda method, layout, dtype: False,
-}
-
-
-def should_compile(s: Settings, method: str, layout: L.Layout, dtype: str) -> bool:
-    return COMPILE_POLICIES[s.compile](method, layout, dtype)
-
-
 def run(s: Settings) -> Path:
     t_start = time.perf_counter()
-    device = s.device
-    cold_dir = None
     threads_before = torch.get_num_threads()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    if "compiled" in s.providers and s.compile != "none" and not s.warm_compile_cache:
-        # compile_s is a first-time compile: inductor gets an empty on-disk cache for this run
-        cold_dir = tempfile.mkdtemp(prefix="step_benchmark_inductor_")
-        saved_cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
     try:
         return _run(s, t_start)
     finally:
         torch.set_num_threads(threads_before)
-        if cold_dir is not None:
-            shutil.rmtree(cold_dir, ignore_errors=True)
-            if saved_cache_dir is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache_dir
 
 
 def _run(s: Settings, t_start: float) -> Path:
@@ -536,10 +500,6 @@ def _run(s: Settings, t_start: float) -> Path:
         print("# CPU run: scaled-down layouts; the fused provider runs on CUDA only (on CPU the "
               "Triton interpreter is far too slow to time). GPU numbers come from GPU CSVs in "
               "bench/results/ (step_cuda_*.csv); none has been taken yet.")
-    if s.compile != "all" and "compiled" in s.providers:
-        print(f"# compiled provider: --compile {s.compile} (headline = InexactPolyak float32 on "
-              "every layout of <= 500 tensors; gpt2 = the same on the GPT-2 layout only; all = "
-              "every config)")
     base_note = f"load avg {load_average()} at start"
     if device.type == "cpu":
         base_note += "; " + (steady_cpu_malloc() if not s.system_malloc else "system malloc")
@@ -560,8 +520,6 @@ def _run(s: Settings, t_start: float) -> Path:
                     nbytes = bytes_per_param(method, dtype, spec.hparams) * layout.n_params
                     floor_ms = nbytes / (bw * 1e9) * 1e3
                     for prov in providers_for(method, device, s.providers):
-                        if prov == "compiled" and not should_compile(s, method, layout, dname):
-                            continue
                         if s.budget_s is not None and time.perf_counter() - t_start > s.budget_s:
                             skipped_budget += 1
                             continue
@@ -581,9 +539,8 @@ def _run(s: Settings, t_start: float) -> Path:
                                  f"  launches={row.get('launches', '')}"
                                  f" syncs={row.get('syncs', '')}"
                                  if med not in (None, "") else "not timed")
-                              + (f"  compile {float(row['compile_s']):.1f}s"
-                                 if row.get("compile_s") not in (None, "") and prov == "compiled"
-                                 else "")
+                              + (f"  JIT + first step {float(row['compile_s']):.1f}s"
+                                 if row.get("compile_s") not in (None, "") else "")
                               + (f"  [{row['note']}]" if row["note"] != base_note else ""),
                               flush=True)
                 del work
@@ -613,11 +570,11 @@ def measure(row, notes, prov, method, spec, work: Workload, s: Settings, i, nbyt
         loss = work.refresh(i)
         sync(work.device)
         t0 = time.perf_counter()
-        step(loss)                          # first call: lazy state, compile / JIT, tables
+        step(loss)                          # first call: lazy state, JIT, tables
         sync(work.device)
         first = time.perf_counter() - t0
         i += 1
-        if prov in ("compiled", "fused"):
+        if prov == "fused":
             row["compile_s"] = f"{first:.3f}"
         timing, i = time_steps(step, work, start=i, target_s=s.target_s, min_reps=s.min_reps,
                                max_reps=s.max_reps, warmup=s.warmup)
@@ -666,6 +623,7 @@ def measure(row, notes, prov, method, spec, work: Workload, s: Settings, i, nbyt
 # ------------------------------------------------------------------------------------------------
 # Plot
 # ------------------------------------------------------------------------------------------------
+#: (foreach_item and compiled: providers of older CSVs, bench/results/step_cpu_2026-11-23.csv)
 COLORS = {"reference": "tab:gray", "foreach_item": "tab:orange", "foreach": "tab:blue",
           "compiled": "tab:purple", "torch_sgd_clip": "tab:green", "fused": "tab:red"}
 
@@ -698,7 +656,7 @@ def plot(csv_path, png_path) -> None:
             floor = {int(r["n_params"]): float(r["floor_ms"]) for r in drows}
             xs = sorted(floor)
             ax.plot(xs, [floor[x] for x in xs], ls, color="black", lw=1.4)
-            for prov in PROVIDERS:
+            for prov in readme_table.PROVIDERS:
                 pts = sorted((int(r["n_params"]), float(r["median_ms"]))
                              for r in drows if r["provider"] == prov)
                 if pts:
@@ -716,7 +674,7 @@ def plot(csv_path, png_path) -> None:
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
     legend_ax = axes.flat[len(methods)]
-    present = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    present = [p for p in readme_table.PROVIDERS if any(r["provider"] == p for r in rows)]
     dts = [d for d in styles if any(r["dtype"] == d for r in rows)]
     handles = [Line2D([], [], color=COLORS[p], marker="o", ms=4, label=p) for p in present]
     handles.append(Line2D([], [], color="black", lw=1.4, label="floor (bytes / copy bandwidth)"))
@@ -761,11 +719,6 @@ def parse_args(argv=None) -> Settings:
                     help="comma list of " + ", ".join(DTYPES))
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma list of " + ", ".join(PROVIDERS))
-    ap.add_argument("--compile", default=None, choices=tuple(COMPILE_POLICIES),
-                    help="which configs get the compiled provider: all; headline = InexactPolyak "
-                    "float32 on every layout of <= 500 tensors (default on cuda); gpt2 = "
-                    "InexactPolyak float32 on the GPT-2 layout only (default on cpu, where one "
-                    "compile takes ~30 s); none")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--target-s", type=float, default=None,
                     help="timed seconds per measurement (default 0.4 cuda, 0.05 cpu; at least 10 "
@@ -778,9 +731,6 @@ def parse_args(argv=None) -> Settings:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profiled step that counts launches")
-    ap.add_argument("--warm-compile-cache", action="store_true",
-                    help="keep inductor's usual on-disk cache (default: an empty one per run, so "
-                    "compile_s is a first-time compile)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default 1 on cpu: on a shared two-core machine a "
                     "second OpenMP thread stalls at every barrier when another process holds the "
@@ -814,13 +764,12 @@ def parse_args(argv=None) -> Settings:
         layouts=layouts,
         dtypes=_csv_list(a.dtypes, DTYPES, "dtype"),
         providers=_csv_list(a.providers, PROVIDERS, "provider"),
-        compile=a.compile or ("headline" if cuda else "gpt2"),
         target_s=target,
         min_reps=(10 if cuda else 3) if not a.quick else (5 if cuda else 2),
         max_reps=(200 if cuda else 10) if not a.quick else 10,
         warmup=(3 if cuda else 1) if not a.quick else 1,
         quick=a.quick, out=Path(out), plot=not a.no_plot, budget_s=a.budget_s, seed=a.seed,
-        extra_note=a.note, warm_compile_cache=a.warm_compile_cache, profile=not a.no_profile,
+        extra_note=a.note, profile=not a.no_profile,
         git_sha=a.git_sha, system_malloc=a.system_malloc,
         threads=a.threads if a.threads is not None else (None if cuda else 1))
 

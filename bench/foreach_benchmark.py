@@ -477,7 +477,7 @@ def make_rows(layout: L.Layout, timed: dict, memory: dict, meta: dict) -> list[d
     for name, t in timed.items():
         p = PROVIDERS[name]
         med = t["median_ms"]
-        floor = t["bytes_per_param"] * layout.n_params / bw * 1e3
+        floor = p.budget * layout.n_params / bw * 1e3     # the method's own floor: its minimum
         row = {"layout": layout.name, "n_params": layout.n_params, "n_tensors": layout.n_tensors,
                "method": name, "label": p.label, "kind": p.kind, "reps": t["reps"],
                "median_ms": f"{med:.4g}", "p20_ms": f"{t['p20_ms']:.4g}",
@@ -524,8 +524,9 @@ def markdown(rows: list[dict], cond: dict, profiles: dict | None = None) -> str:
              f"{cond['rounds']} interleaved rounds, float32; {cond['malloc']}", "",
              "Times: median ms per step (20th-80th percentile). x clip+SGD, x Adam: the median "
              "over torch's clip_grad_norm_(foreach) + SGD(foreach) and Adam(fused). B/param: "
-             "counted per op (the method's budget in brackets). floor = B/param x params / the "
-             "bandwidth torch's SGD(foreach) reached on the layout. peak extra MB: the "
+             "counted per op (the method's budget, its minimum traffic, in brackets). floor = the "
+             "budget x params / the bandwidth torch's SGD(foreach) reached on the layout. peak "
+             "extra MB: the "
              "resident high-water mark over 3 steps beyond the tensors and the state (state MB), "
              "each provider in a fresh process (compare torch SGD's row).", ""]
     for lname in dict.fromkeys(r["layout"] for r in rows):

@@ -12,7 +12,9 @@
 The results blocks are made from the committed run, bench/results/experiments/ (--folder for
 another): ``<!-- results:gpt -->`` ... ``<!-- /results:gpt -->`` holds the char-GPT table (and
 its conditions, grid and comparison with AdamW), ``<!-- results:synthetic -->`` ...
-``<!-- /results:synthetic -->`` the two Figure 1 tables. `update_readme` replaces the text
+``<!-- /results:synthetic -->`` the two Figure 1 tables, and ``<!-- results:foreach -->`` ...
+``<!-- /results:foreach -->`` the foreach path's CPU table, from the newest committed
+bench/results/foreach_cpu_<date>.csv (`python -m bench.foreach_benchmark`). `update_readme` replaces the text
 between each pair of markers.
 
 Step-benchmark tables:
@@ -170,7 +172,7 @@ def write_block(path: Path, text: str) -> bool:
 # ---- the main job's results (bench.experiments) --------------------------------------------------
 #: The committed run of `python -m bench.experiments` (relative to the repository root).
 RESULTS = Path(__file__).resolve().parent / "results" / "experiments"
-BLOCKS = ("gpt", "synthetic")
+BLOCKS = ("gpt", "synthetic", "foreach")
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -300,9 +302,57 @@ def synthetic_block(folder: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def foreach_csv() -> Path:
+    """The committed foreach benchmark (the newest bench/results/foreach_cpu_<date>.csv)."""
+    found = sorted(RESULTS.parent.glob("foreach_cpu_*.csv"))
+    if not found:
+        raise FileNotFoundError(f"no foreach_cpu_*.csv in {RESULTS.parent}")
+    return found[-1]
+
+
+def foreach_block(path: Path | None = None) -> str:
+    """The README's CPU table of the foreach path against torch's optimizers, from a CSV of
+    `python -m bench.foreach_benchmark`: ms per step on each layout, the ratio to torch's
+    clip_grad_norm_ + SGD, the bytes per parameter and the peak extra memory."""
+    path = Path(path) if path is not None else foreach_csv()
+    rows = _csv(path.parent, path.name)
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    by = {(r["layout"], r["label"]): r for r in rows}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    first = rows[0]
+    n = {r["layout"]: int(r["n_params"]) for r in rows}
+    head = ["| step |"] + [f" {lay} ({_params(n[lay])}): ms | x clip+SGD |" for lay in layouts]
+    md = path.with_suffix(".md")
+    machine = [line[2:].strip() for line in (md.read_text().splitlines() if md.exists() else [])
+               if line.startswith(("- CPU:", "- load average"))]
+    lines = [
+        f"`python -m bench.foreach_benchmark`, {first['date']}"
+        + "".join(f"; {m}" for m in machine) + f"; float32, "
+        f"torch {first['torch']}, median of {first['reps']} steps "
+        f"([{path.name}](bench/results/{path.name}), whose .md has the conditions, the floors "
+        f"and the targets). B/param: the bytes each step reads and writes per parameter, counted "
+        f"per op; extra MB: its peak resident memory beyond the tensors and the state.",
+        "",
+        "".join(head) + " B/param | extra MB |",
+        "|---|" + "---|---|" * len(layouts) + "---|---|",
+    ]
+    for label in labels:
+        cells = [f"| {label} |"]
+        for lay in layouts:
+            r = by.get((lay, label))
+            cells.append(" | |" if r is None else
+                         f" {_fmt_ms(float(r['median_ms']))} | {float(r['ratio_clip_sgd']):.2f} |")
+        r = next(by[(lay, label)] for lay in layouts if (lay, label) in by)
+        cells.append(f" {float(r['bytes_per_param']):.0f} | {r['peak_extra_mb'] or '-'} |")
+        lines.append("".join(cells))
+    return "\n".join(lines) + "\n"
+
+
 def results_blocks(folder: Path = RESULTS) -> dict[str, str]:
-    """{block name: markdown} for every results block."""
-    return {"gpt": gpt_block(folder), "synthetic": synthetic_block(folder)}
+    """{block name: markdown} for every results block (the foreach table comes from the
+    committed foreach benchmark, whatever the folder)."""
+    return {"gpt": gpt_block(folder), "synthetic": synthetic_block(folder),
+            "foreach": foreach_block()}
 
 
 def readme_blocks(text: str) -> dict[str, str]:

@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import polyak_fused as pf
-from test_watch_loss import assert_same_params, big_batch_run, make_batches, make_model, mse
+from test_watch_loss import PATHS, assert_same_params, big_batch_run, make_batches, make_model, mse
 
 accelerate = pytest.importorskip("accelerate")
-PATHS = {"reference": (False, torch.float64, 1e-12), "fused": (True, torch.float32, 1e-5)}
 
 
 @pytest.fixture
@@ -36,12 +35,12 @@ def fresh_accelerate_state():
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_accelerate_gradient_accumulation_equals_the_big_batch(path, fresh_accelerate_state):
-    fused, dtype, rtol = PATHS[path]
-    expected, _ = big_batch_run("InexactPolyak", fused, dtype)
+    path_args, dtype, rtol = PATHS[path]        # the reference, foreach and fused paths
+    expected, _ = big_batch_run("InexactPolyak", path_args, dtype)
 
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=4, cpu=True)
     model = make_model(dtype)
-    opt = pf.InexactPolyak(model.parameters(), total_steps=10, fused=fused)
+    opt = pf.InexactPolyak(model.parameters(), total_steps=10, **path_args)
     micro = [(xs, ys) for x, y in make_batches(dtype) for xs, ys in zip(x.chunk(4), y.chunk(4))]
     model, prepared_opt = accelerator.prepare(model, opt)
     assert prepared_opt is not opt, "accelerate wraps the optimizer"

@@ -96,8 +96,9 @@ class MoMo(PolyakFamilyOptimizer):
     unchanged and ``scalars["skipped"]`` += 1. The loss is required.
 
     Deliberate differences from momo-opt 0.1.0 (each shown in tests/test_momo.py):
-        * no host sync: every scalar is a device tensor, no ``.item()``, no branch on a device
-          value;
+        * no host sync on an accelerator: every scalar is a device tensor, no ``.item()``, no
+          branch on a device value (on the CPU the foreach path reads its step size on the
+          host, which stalls no device);
         * every hyperparameter but ``lr`` is global (one value for all groups);
         * gamma_k is one global average of sum_p <g_p, x_p> (momo-opt keeps one per parameter and
           sums them: the same when every parameter has a gradient at every step);

@@ -76,9 +76,9 @@ def _total(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return sum(torch.stack(ps).to(torch.float64).sum() for ps in by_dtype.values()).to(dtype)
 
 
-def _dot_parts(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """<a_i, b_i> of each pair of tensors, in their math dtype, one dot product per BLOCK
-    elements."""
+def dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The partial sums <a_i, b_i> of pairs of tensors, in their math dtype, one dot product per
+    BLOCK elements (collect them, then `block_sums`)."""
     out = []
     for x, y in zip(a, b):
         x, y = E.up(x), E.up(y)
@@ -97,23 +97,13 @@ def sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     added in float64. Measured on 38.6M float32 elements against float64: 3e-6 relative, where
     one float32 norm (torch._foreach_norm, torch.linalg.vector_norm) is 5e-3 off and one dot
     product 7e-4. On the GPT-2 124M layout (2 threads) it takes 26 ms, torch._foreach_norm 41."""
-    return _total(_dot_parts(tensors, tensors), dtype).to(
+    return _total(dots(tensors, tensors), dtype).to(
         tensors[0].device if tensors else "cpu")
-
-
-def inner(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """sum_i <a_i, b_i> (a 0-d tensor of `dtype`), as `sum_of_squares`."""
-    return _total(_dot_parts(a, b), dtype).to(a[0].device if a else "cpu")
 
 
 def block_sums(parts: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
     """The total of partial sums collected block by block (e.g. by `dots`)."""
     return _total(parts, dtype).to(device)
-
-
-def dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The partial sums <a_i, b_i> of one block (collect them, then `block_sums`)."""
-    return _dot_parts(a, b)
 
 
 # ---- the step's scalars -------------------------------------------------------------------------
@@ -213,14 +203,6 @@ def add_(xs: list, ds: list, alpha) -> None:
         torch._foreach_add_(xs, torch._foreach_mul(ds, alpha))
     else:
         torch._foreach_add_(xs, ds, alpha=alpha)
-
-
-def addcmul_(xs: list, a: list, b: list, value) -> None:
-    """x <- x + value * a * b."""
-    if torch.is_tensor(value):
-        torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_mul(a, b), value))
-    else:
-        torch._foreach_addcmul_(xs, a, b, value=value)
 
 
 def addcdiv_(xs: list, a: list, b: list, value) -> None:

@@ -237,14 +237,11 @@ def update_lower_bound(lb, f_avg, dx, gamma, d_sq, rho, tau):
 def per_lr(lrs, like: torch.Tensor, step_size_of) -> list:
     """(alpha, step_size_of(alpha)) for each tensor's lr, alpha as a number or a 0-d tensor like
     ``like``; computed once per distinct lr (one per param group)."""
-    done, out = {}, []
-    for lr in lrs:
-        key = ("tensor", id(lr)) if torch.is_tensor(lr) else ("number", float(lr))
-        if key not in done:
-            alpha = as_scalar(lr, like)
-            done[key] = (alpha, step_size_of(alpha))
-        out.append(done[key])
-    return out
+    def pair(lr):
+        alpha = as_scalar(lr, like)
+        return alpha, step_size_of(alpha)
+
+    return F.per_lr(lrs, len(lrs), pair)
 
 
 def model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, *, lb, use_fstar, weight_decay):

@@ -63,6 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import polyak_fused as pf
+from polyak_fused import _cpu_loops
 from bench import layouts as L
 from bench import step_benchmark as SB
 
@@ -127,14 +128,14 @@ PROVIDERS = {p.name: p for p in [
     Provider("torch_adam_fused", "torch Adam(fused)", "torch", 28, ""),
 ]}
 
-#: What each provider's step moved per parameter in float32 at commit a87fb68 (the run of
-#: bench/results/foreach_cpu_2026-12-03), counted by hand from the code: each op reads its inputs
-#: and writes its outputs (bench/NOTES.md, "Foreach path on the CPU"). The dispatch count of
-#: that run gave the same numbers. tests/test_bench.py pins torch's and the 16 B methods' (which
-#: are at their budget), and checks the others against their budget.
+#: What each provider's step moves per parameter in float32, counted by hand from the code: each
+#: op or compiled loop reads its inputs and writes its outputs (bench/NOTES.md, "Foreach path on
+#: the CPU"). With the compiled CPU loops every method is at its budget; with torch ops
+#: (POLYAK_CPU_LOOPS=torch) the methods with state move more (NOTES has the count of commit
+#: a87fb68). tests/test_bench.py holds the counter to these numbers.
 HAND_COUNT = {
     "inexact_polyak": 16, "polyak": 16, "decsps": 16, "adasps": 16, "clipped_sgd": 16,
-    "clipped_sgd_momentum": 36, "dog": 36, "nsgdm": 56, "momo": 80, "momo_adam": 196,
+    "clipped_sgd_momentum": 24, "dog": 24, "nsgdm": 28, "momo": 32, "momo_adam": 44,
     "torch_sgd": 12, "torch_clip_sgd": 24, "torch_clip_sgd_momentum": 44, "torch_adam_fused": 28,
 }
 
@@ -197,12 +198,45 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+#: The compiled CPU loops (polyak_fused/_cpu_loops/cpu_loops.cpp) are not aten ops: each pass's
+#: traffic is its arguments', (positions of the tensor lists it reads, those it writes), as the
+#: file's comments give them. Every list is read once per element (a None list or entry: not).
+LOOP_TRAFFIC = {"sum_sq": ((0,), ()), "dog_sums": ((0, 1, 2), ()), "axpy": ((0, 1), (0,)),
+                "momentum_sums": ((0, 1, 2), ()), "momentum_update": ((0, 1, 2), (0, 1)),
+                "adam_sums": ((0, 1, 2, 3), ()), "adam_update": ((0, 1, 2, 3), (0, 1, 2))}
+
+
+def _list_bytes(ts) -> int:
+    return 0 if ts is None else sum(_nbytes(t) for t in ts if t is not None)
+
+
 class TrafficCounter(TorchDispatchMode):
-    """Per aten op name: [calls, bytes read, bytes written]."""
+    """Per aten op name (and compiled loop, "cpu_loops::<pass>"): [calls, bytes read, bytes
+    written]."""
 
     def __init__(self):
         super().__init__()
         self.ops: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        self._loops, self._real = _cpu_loops.module(), {}
+
+    def __enter__(self):
+        for name, (reads, writes) in LOOP_TRAFFIC.items() if self._loops else ():
+            real = self._real[name] = getattr(self._loops, name)
+
+            def counted(*args, _real=real, _name=name, _reads=reads, _writes=writes):
+                rec = self.ops["cpu_loops::" + _name]
+                rec[0] += 1
+                rec[1] += sum(_list_bytes(args[i]) for i in _reads)
+                rec[2] += sum(_list_bytes(args[i]) for i in _writes)
+                return _real(*args)
+            setattr(self._loops, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, real in self._real.items():
+            setattr(self._loops, name, real)
+        self._real = {}
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -285,7 +319,8 @@ def conditions(threads: int) -> dict:
     return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "cpu": SB.device_name(torch.device("cpu")), "cores": os.cpu_count(),
             "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "git_sha": SB.git_sha()}
+            "python": platform.python_version(), "git_sha": SB.git_sha(),
+            "cpu_loops": "compiled" if _cpu_loops.module() is not None else "torch ops"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,7 +554,8 @@ def markdown(rows: list[dict], cond: dict, profiles: dict | None = None) -> str:
              f"- CPU: {cond['cpu']}; {cond['cores']} cores, {cond['threads']} torch threads",
              f"- load average (1/5/15 min): {cond['load_before']} before, "
              f"{cond['load_after']} after",
-             f"- torch {cond['torch']}, Python {cond['python']}, commit {cond['git_sha']}",
+             f"- torch {cond['torch']}, Python {cond['python']}, commit {cond['git_sha']}; "
+             f"the foreach path's CPU passes: {cond['cpu_loops']}",
              f"- command: `{cond['command']}`; {cond['reps']} timed steps per provider in "
              f"{cond['rounds']} interleaved rounds, float32; {cond['malloc']}", "",
              "Times: median ms per step (20th-80th percentile). x clip+SGD, x Adam: the median "

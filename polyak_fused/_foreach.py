@@ -9,7 +9,9 @@ Two forms, picked by the parameters' device:
   * elsewhere (MPS, XPU, CUDA without Triton) nothing is read on the host: the scalars stay 0-d
     device tensors, and each update is computed on a copy of a block of tensors and committed
     with torch.where(taken, new, old), so a skipped step leaves every tensor bitwise unchanged.
-Both forms work block by block (at most BLOCK elements of each list at a time), so that no
+On the host the passes run as compiled loops where they can (`cpu_loops`, polyak_fused/_cpu_loops:
+each of a step's passes one loop over all tensors); the torch ops below are their specification
+and what runs everywhere else. Both forms work block by block (at most BLOCK elements of each list at a time), so that no
 temporary is larger than a block: the extra memory does not grow with the model.
 
 Precision is the reference's (polyak_fused._eager): per-element math in float32 for
@@ -23,6 +25,7 @@ import contextlib
 
 import torch
 
+from . import _cpu_loops
 from . import _eager as E
 
 #: Device types whose step reads its scalars on the host (no accelerator to stall).
@@ -38,6 +41,15 @@ _EXACT = (torch.float32, torch.float64)  # dtypes updated in place (their math d
 def on_host(t: torch.Tensor) -> bool:
     """Whether the step on this tensor's device reads its scalars on the host."""
     return t.device.type in HOST_DEVICES
+
+
+def cpu_loops(*lists):
+    """The compiled CPU loops (polyak_fused/_cpu_loops) when the step runs on the host and they
+    take these lists (the arguments of one call; None entries allowed after the first list),
+    else None: the torch ops run instead."""
+    if not lists[0] or not on_host(lists[0][0]):
+        return None
+    return _cpu_loops.for_tensors(*lists)
 
 
 def blocks(*lists, size: int | None = None):
@@ -96,7 +108,11 @@ def sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     each in the tensor's math dtype (a low-precision tensor is read into a float32 copy),
     added in float64. Measured on 38.6M float32 elements against float64: 3e-6 relative, where
     one float32 norm (torch._foreach_norm, torch.linalg.vector_norm) is 5e-3 off and one dot
-    product 7e-4. On the GPT-2 124M layout (2 threads) it takes 26 ms, torch._foreach_norm 41."""
+    product 7e-4. On the GPT-2 124M layout (2 threads) it takes 26 ms, torch._foreach_norm 41.
+    The CPU loops sum chunks of 2^16 elements in 16 float32 lanes each, the chunks in float64."""
+    loops = cpu_loops(tensors)
+    if loops is not None:
+        return torch.tensor(loops.sum_sq(tensors), dtype=dtype)
     return _total(dots(tensors, tensors), dtype).to(
         tensors[0].device if tensors else "cpu")
 
@@ -243,6 +259,10 @@ def descend(params, directions, lrs, eta, finite, scale=1.0) -> None:
         return
     like = params[0]
     coefs = per_lr(lrs, len(params), lambda lr: number(-(lr * eta) * scale, like))
+    loops = cpu_loops(params, directions)
+    if loops is not None:
+        loops.axpy(params, directions, coefs, [1.0] * len(params))
+        return
     if on_host(like) and all(x.dtype in _EXACT and d.dtype == x.dtype
                              for x, d in zip(params, directions)):
         for start, end, coef in runs(coefs):     # in place, no temporary: no blocks needed

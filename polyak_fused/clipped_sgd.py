@@ -146,12 +146,17 @@ def _foreach_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss,
     elif F.taken(finite, like):
         kappa = F.number(coef, like) * inv_scale                      # kappa_t / S
         minus_lrs = F.per_lr(lrs, len(params), lambda lr: F.number(-lr, like))
-        for minus_lr, (xs, ms, gs) in F.blocks_with_coefs(minus_lrs, params, momentum_buffers,
-                                                          grads):
-            with F.updating(ms, finite) as m, F.updating(xs, finite) as x:
-                torch._foreach_mul_(m, momentum)
-                F.add_(m, F.up_all(gs), kappa)                        # m = mu m + kappa g
-                F.add_(x, m, minus_lr)                                # x <- x - lr m
+        loops = F.cpu_loops(list(params), list(momentum_buffers), list(grads))
+        if loops is not None:                # m <- mu m + kappa g, x <- x - lr m in one pass
+            loops.momentum_update(list(params), list(momentum_buffers), list(grads), momentum,
+                                  kappa, 1.0, False, minus_lrs, [1.0] * len(minus_lrs))
+        else:
+            for minus_lr, (xs, ms, gs) in F.blocks_with_coefs(minus_lrs, params,
+                                                              momentum_buffers, grads):
+                with F.updating(ms, finite) as m, F.updating(xs, finite) as x:
+                    torch._foreach_mul_(m, momentum)
+                    F.add_(m, F.up_all(gs), kappa)                    # m = mu m + kappa g
+                    F.add_(x, m, minus_lr)                            # x <- x - lr m
     E.write_if(finite, s["grad_norm"], norm)
     E.write_if(finite, s["clip_coef"], coef)
     E.count_step(s, finite)

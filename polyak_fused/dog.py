@@ -151,38 +151,49 @@ def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_dec
                                                                       # d_t = g_t + lambda x_t
         return F.dots(d, d)
 
-    # One pass over x, x_0 (and g, when every parameter has one): ||x_t - x_0||^2, ||x_0||^2,
-    # ||d_t||^2, block by block (each block's x_0 is read once).
-    every = all(g is not None for g in grads)
-    dist, x0_parts, d_parts = [], [], []
-    for block in F.blocks(list(params), list(x0s), *([grads] if every else [])):
-        x0 = F.up_all(block[1])
-        gap = torch._foreach_sub(F.up_all(block[0]), x0)
-        dist += F.dots(gap, gap)
-        x0_parts += F.dots(x0, x0)
-        if every:
-            d_parts += direction_sq(block[0], block[2])
+    # One pass over x, x_0 and g: ||x_t - x_0||^2, ||x_0||^2, ||d_t||^2.
+    loops = F.cpu_loops(list(params), list(x0s), list(grads))
+    if loops is not None:
+        g_scale = 1.0 if weight_decay == 0 else F.inverse_scale(grad_scale, like)
+        dist_sq, x0_sq, grad_sq = (torch.tensor(v, dtype=dt) for v in loops.dog_sums(
+            list(params), list(x0s), list(grads), g_scale, weight_decay))
+    else:                        # block by block (each block's x_0 read once; g in the same
+        every = all(g is not None for g in grads)    # pass when every parameter has one)
+        dist, x0_parts, d_parts = [], [], []
+        for block in F.blocks(list(params), list(x0s), *([grads] if every else [])):
+            x0 = F.up_all(block[1])
+            gap = torch._foreach_sub(F.up_all(block[0]), x0)
+            dist += F.dots(gap, gap)
+            x0_parts += F.dots(x0, x0)
+            if every:
+                d_parts += direction_sq(block[0], block[2])
+        if not every:
+            with_grad = [(x, g) for x, g in zip(params, grads) if g is not None]
+            for xs, gs in F.blocks([x for x, _ in with_grad], [g for _, g in with_grad]):
+                d_parts += direction_sq(xs, gs)
+        dist_sq, x0_sq, grad_sq = (F.block_sums(p, dt, like.device)
+                                   for p in (dist, x0_parts, d_parts))
     stepped = [i for i, g in enumerate(grads) if g is not None]
     lrs = E.per_tensor(lrs, len(params))
     params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
-    if not every:
-        for xs, gs in F.blocks(params, grads):
-            d_parts += direction_sq(xs, gs)
-    grad_sq = F.block_sums(d_parts, dt, like.device)
     if weight_decay == 0 and grad_scale is not None:
         grad_sq = grad_sq / grad_scale.reshape(()).to(device=like.device, dtype=dt).square()
-    loss, grad_sq, dist_sq, x0_sq = E.across_ranks(
-        loss, grad_sq, F.block_sums(dist, dt, like.device), F.block_sums(x0_parts, dt, like.device))
+    loss, grad_sq, dist_sq, x0_sq = E.across_ranks(loss, grad_sq, dist_sq, x0_sq)
     finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
     inv_scale = F.inverse_scale(grad_scale, like)
     eta, rbar, G = _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel)
     if params and F.taken(finite, like):
         coefs = F.per_lr(lrs, len(params), lambda lr: F.number(-(lr * eta), like))
-        for coef, (xs, gs) in F.blocks_with_coefs(coefs, params, grads):
-            with F.updating(xs, finite) as x:    # x <- x - lr eta (g + lambda x)
-                if weight_decay:
-                    torch._foreach_mul_(x, 1 + coef * weight_decay)
-                F.add_(x, F.up_all(gs), coef * inv_scale)
+        loops = F.cpu_loops(params, grads)
+        if loops is not None:                    # x <- (1 - lr eta lambda) x - lr eta g / S
+            loops.axpy(params, grads, [c * inv_scale for c in coefs],
+                       [1 + c * weight_decay for c in coefs])
+        else:
+            for coef, (xs, gs) in F.blocks_with_coefs(coefs, params, grads):
+                with F.updating(xs, finite) as x:    # x <- x - lr eta (g + lambda x)
+                    if weight_decay:
+                        torch._foreach_mul_(x, 1 + coef * weight_decay)
+                    F.add_(x, F.up_all(gs), coef * inv_scale)
     E.write_if(finite, s["rbar"], rbar)
     E.write_if(finite, s["G"], G)
     E.write_if(finite, s["step_size"], eta)

@@ -310,15 +310,22 @@ def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay,
         torch._foreach_add_(d, g, alpha=1 - beta)
         return d
 
-    gx, dx, dd = [], [], []            # <g_k, x_k>, <d_k, x_k>, ||d_k||^2, d_k not yet written
-    for xs, gs, ds in F.blocks(list(params), grads, list(grad_avgs)):
-        g = F.unscaled(gs, grad_scale)
-        d = average_of(ds, g)
-        gx += F.dots(g, xs)
-        dx += F.dots(d, xs)
-        dd += F.dots(d, d)
-    loss, gx, dx, d_sq = E.across_ranks(loss, *(F.block_sums(p, dt, like.device)
-                                               for p in (gx, dx, dd)))
+    loops = F.cpu_loops(list(params), list(grad_avgs), list(grads))
+    inv_scale = F.inverse_scale(grad_scale, like)
+    if loops is not None:     # <g_k, x_k>, <d_k, x_k>, ||d_k||^2 in one pass over x, d and g
+        sums = loops.momentum_sums(list(params), list(grad_avgs), list(grads), beta, 1 - beta,
+                                   inv_scale, bool(seed_here))
+        gx, dx, d_sq = (torch.tensor(v, dtype=dt) for v in sums)
+    else:
+        gx, dx, dd = [], [], []        # <g_k, x_k>, <d_k, x_k>, ||d_k||^2, d_k not yet written
+        for xs, gs, ds in F.blocks(list(params), grads, list(grad_avgs)):
+            g = F.unscaled(gs, grad_scale)
+            d = average_of(ds, g)
+            gx += F.dots(g, xs)
+            dx += F.dots(d, xs)
+            dd += F.dots(d, d)
+        gx, dx, d_sq = (F.block_sums(p, dt, like.device) for p in (gx, dx, dd))
+    loss, gx, dx, d_sq = E.across_ranks(loss, gx, dx, d_sq)
     finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
     f_avg = beta * torch.where(seed, loss, s["loss_avg"]) + (1 - beta) * loss
     gamma = beta * torch.where(seed, gx, s["grad_dot_w"]) + (1 - beta) * gx
@@ -330,15 +337,20 @@ def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay,
         coefs = [made.setdefault(id(st), (F.number(-st[1], like),
                                           F.number(1 + st[0] * weight_decay, like)))
                  for st in steps]
-        for (minus_tau, w), (xs, gs, ds) in F.blocks_with_coefs(coefs, list(params), grads,
-                                                                list(grad_avgs)):
-            g = F.unscaled(gs, grad_scale)
-            with F.updating(ds, finite) as d, F.updating(xs, finite) as x:
-                if seed_here is not False:                              # (a host False: no seed)
-                    torch._foreach_copy_(d, F.select(seed_here, g, d))
-                torch._foreach_mul_(d, beta)                            # d_k, as in the first pass
-                torch._foreach_add_(d, g, alpha=1 - beta)
-                F.add_(x, d, minus_tau)                                 # x <- (x - tau d) / w
-                if weight_decay:
-                    torch._foreach_div_(x, w)
+        if loops is not None:          # d <- d_k, x <- (x - tau d_k) / w in one pass
+            loops.momentum_update(list(params), list(grad_avgs), list(grads), beta, 1 - beta,
+                                  inv_scale, bool(seed_here), [c[0] for c in coefs],
+                                  [c[1] for c in coefs])
+        else:
+            for (minus_tau, w), (xs, gs, ds) in F.blocks_with_coefs(coefs, list(params), grads,
+                                                                    list(grad_avgs)):
+                g = F.unscaled(gs, grad_scale)
+                with F.updating(ds, finite) as d, F.updating(xs, finite) as x:
+                    if seed_here is not False:                          # (a host False: no seed)
+                        torch._foreach_copy_(d, F.select(seed_here, g, d))
+                    torch._foreach_mul_(d, beta)                        # d_k, as in the first pass
+                    torch._foreach_add_(d, g, alpha=1 - beta)
+                    F.add_(x, d, minus_tau)                             # x <- (x - tau d) / w
+                    if weight_decay:
+                        torch._foreach_div_(x, w)
     commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)

@@ -261,18 +261,25 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
         torch._foreach_add_(D, eps)
         return D
 
-    gx, dx, dd = [], [], []   # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k; d, v not yet written
-    for xs, gs, ds, vs in F.blocks(list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
-        g = F.unscaled(gs, grad_scale)
-        d = torch._foreach_lerp(F.up_all(ds), g, 1 - beta1)         # d_k = beta1 d + (1-beta1) g
-        v = torch._foreach_mul(F.up_all(vs), beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)             # v_k
-        D = denominator_of(v)
-        gx += F.dots(g, xs)
-        dx += F.dots(d, xs)
-        dd += F.dots(d, torch._foreach_div(d, D))                    # sum d_k^2 / D_k
-    loss, gx, dx, d_sq = E.across_ranks(loss, *(F.block_sums(p, dt, like.device)
-                                               for p in (gx, dx, dd)))
+    tensors = list(params), list(grad_avgs), list(grad_avg_sqs), list(grads)
+    loops = F.cpu_loops(*tensors)
+    moments = (beta1, beta2, F.inverse_scale(grad_scale, like), bias2, eps)
+    if loops is not None:  # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k in one pass over x, d, v, g
+        gx, dx, d_sq = (torch.tensor(v, dtype=dt) for v in loops.adam_sums(*tensors, *moments))
+    else:
+        gx, dx, dd = [], [], []    # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k; d, v not written
+        for xs, gs, ds, vs in F.blocks(list(params), grads, list(grad_avgs),
+                                       list(grad_avg_sqs)):
+            g = F.unscaled(gs, grad_scale)
+            d = torch._foreach_lerp(F.up_all(ds), g, 1 - beta1)     # d_k = beta1 d + (1-beta1) g
+            v = torch._foreach_mul(F.up_all(vs), beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)         # v_k
+            D = denominator_of(v)
+            gx += F.dots(g, xs)
+            dx += F.dots(d, xs)
+            dd += F.dots(d, torch._foreach_div(d, D))                # sum d_k^2 / D_k
+        gx, dx, d_sq = (F.block_sums(p, dt, like.device) for p in (gx, dx, dd))
+    loss, gx, dx, d_sq = E.across_ranks(loss, gx, dx, d_sq)
     finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
     f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]
     gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx
@@ -284,17 +291,23 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
             F.number(-st[1], like),
             F.number(1 + st[0] * weight_decay if divide else 1 - st[0] * weight_decay, like)))
             for st in steps]
-        for (minus_tau, w), (xs, gs, ds, vs) in F.blocks_with_coefs(
-                coefs, list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
-            g = F.unscaled(gs, grad_scale)
-            with F.updating(ds, finite) as d, F.updating(vs, finite) as v, \
-                    F.updating(xs, finite) as x:
-                torch._foreach_lerp_(d, g, 1 - beta1)                 # d_k, v_k, D_k as in the
-                into_second_moment(v, g)                              # first pass
-                D = denominator_of(v)
-                if weight_decay and not divide:
-                    torch._foreach_mul_(x, w)                        # AdamW: x (1 - alpha lambda)
-                F.addcdiv_(x, d, D, minus_tau)                        # x - tau d / D
-                if weight_decay and divide:
-                    torch._foreach_div_(x, w)                # proximal: / (1 + alpha lambda)
+        if loops is not None:    # d <- d_k, v <- v_k, x <- (pre x - tau d_k / D_k) / div
+            ones = [1.0] * len(coefs)
+            decays = [w for _, w in coefs] if weight_decay else ones
+            loops.adam_update(*tensors, *moments, [minus_tau for minus_tau, _ in coefs],
+                              ones if divide else decays, decays if divide else ones)
+        else:
+            for (minus_tau, w), (xs, gs, ds, vs) in F.blocks_with_coefs(
+                    coefs, list(params), grads, list(grad_avgs), list(grad_avg_sqs)):
+                g = F.unscaled(gs, grad_scale)
+                with F.updating(ds, finite) as d, F.updating(vs, finite) as v, \
+                        F.updating(xs, finite) as x:
+                    torch._foreach_lerp_(d, g, 1 - beta1)             # d_k, v_k, D_k as in the
+                    into_second_moment(v, g)                          # first pass
+                    D = denominator_of(v)
+                    if weight_decay and not divide:
+                        torch._foreach_mul_(x, w)                    # AdamW: x (1 - alpha lambda)
+                    F.addcdiv_(x, d, D, minus_tau)                    # x - tau d / D
+                    if weight_decay and divide:
+                        torch._foreach_div_(x, w)            # proximal: / (1 + alpha lambda)
     commit_scalars(s, finite, f_avg, gamma, lb_k, tau_first)

@@ -142,19 +142,30 @@ def _foreach_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta,
         F.add_(m, F.up_all(gs), g_weight)
         return m
 
-    parts = []                               # ||m_t||^2, block by block, m_t not yet written
-    for ms, gs in F.blocks(momentum_buffers, grads):
-        m = momentum_of(ms, gs)
-        parts += F.dots(m, m)
-    loss, m_sq = E.across_ranks(loss, F.block_sums(parts, scalars.dtype, like.device))
+    loops = F.cpu_loops(list(params), list(momentum_buffers), list(grads))
+    if loops is not None:                    # ||m_t||^2 in one pass over m and g
+        m_sq = torch.tensor(loops.momentum_sums(None, list(momentum_buffers), list(grads), b,
+                                                g_weight, 1.0, False)[2], dtype=scalars.dtype)
+    else:
+        parts = []                           # ||m_t||^2, block by block, m_t not yet written
+        for ms, gs in F.blocks(momentum_buffers, grads):
+            m = momentum_of(ms, gs)
+            parts += F.dots(m, m)
+        m_sq = F.block_sums(parts, scalars.dtype, like.device)
+    loss, m_sq = E.across_ranks(loss, m_sq)
     finite = E.is_finite(m_sq, loss) & E.no_inf_found(found_inf)
     eta = _step_size(m_sq, s_t)
     if F.taken(finite, like):
         coefs = F.per_lr(lrs, len(params), lambda lr: F.number(-(lr * eta), like))
-        for coef, (xs, ms, gs) in F.blocks_with_coefs(coefs, params, momentum_buffers, grads):
-            with F.updating(ms, finite) as m, F.updating(xs, finite) as x:
-                torch._foreach_mul_(m, b)
-                F.add_(m, F.up_all(gs), g_weight)                     # m_t, as in the first pass
-                F.add_(x, m, coef)                                    # x <- x - lr eta m_t
+        if loops is not None:                # m <- m_t, x <- x - lr eta m_t in one pass
+            loops.momentum_update(list(params), list(momentum_buffers), list(grads), b, g_weight,
+                                  1.0, False, coefs, [1.0] * len(coefs))
+        else:
+            for coef, (xs, ms, gs) in F.blocks_with_coefs(coefs, params, momentum_buffers,
+                                                          grads):
+                with F.updating(ms, finite) as m, F.updating(xs, finite) as x:
+                    torch._foreach_mul_(m, b)
+                    F.add_(m, F.up_all(gs), g_weight)                 # m_t, as in the first pass
+                    F.add_(x, m, coef)                                # x <- x - lr eta m_t
     E.write_if(finite, s["step_size"], eta)
     E.count_step(s, finite)

@@ -1,9 +1,11 @@
 """The foreach path (torch._foreach_* ops, polyak_fused/_foreach.py) against the eager reference.
 
-Every test runs the foreach path in both of its forms (the `form` fixture): the host form (CPU:
-the step's scalars are read as Python numbers and the tensors updated in place) and the device
-form (what MPS, XPU and CUDA without Triton run: nothing read on the host, every update committed
-with torch.where), forced on the CPU by emptying polyak_fused._foreach.HOST_DEVICES. Where the
+Every test runs the foreach path in each of its forms (the `form` fixture): the host form (CPU:
+the step's scalars are read as Python numbers and the tensors updated in place), with its passes
+as the compiled CPU loops (polyak_fused/_cpu_loops) and with torch ops (where the loops cannot be
+built), and the device form (what MPS, XPU and CUDA without Triton run: nothing read on the host,
+every update committed with torch.where), forced on the CPU by emptying
+polyak_fused._foreach.HOST_DEVICES. Where the
 blocking matters, polyak_fused._foreach.BLOCK is made small, so that tensors of a few thousand
 elements are cut into flat views and small ones grouped (test_a_small_block_cuts_the_step_into_
 blocks checks that the setting takes effect).
@@ -37,6 +39,7 @@ from helpers import assert_close
 
 import polyak_fused as pf
 import polyak_fused._foreach as F
+from polyak_fused import _cpu_loops
 from polyak_fused._optimizer import COMMON_SCALARS
 
 CPU = torch.device("cpu")
@@ -53,9 +56,15 @@ ONE_PER_CLASS = ["inexact_polyak", "polyak", "decsps", "adasps", "dog", "clipped
 
 
 # ---- fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture(params=["host", "device"])
+@pytest.fixture(params=["host", "host_torch_ops", "device"])
 def form(request, monkeypatch):
-    """The foreach path's form: "host" (CPU's own) or "device" (forced on the CPU)."""
+    """The foreach path's form: "host" (CPU's own, its passes the compiled CPU loops),
+    "host_torch_ops" (the CPU's own with torch ops, as where the loops cannot be built) or
+    "device" (forced on the CPU)."""
+    if request.param == "host":
+        assert _cpu_loops.module() is not None, "the compiled CPU loops did not build"
+    else:
+        monkeypatch.setattr(_cpu_loops, "_chosen", None)      # the torch ops
     if request.param == "device":
         monkeypatch.setattr(F, "HOST_DEVICES", ())
     return request.param
@@ -186,7 +195,9 @@ IN_PLACE_ON_THE_HOST = {"inexact_polyak", "inexact_polyak_best", "polyak_sps_max
 
 
 def test_the_dot_products_are_cut_at_a_block(small_blocks, monkeypatch):
-    """Each dot product of the sums covers at most BLOCK elements (their accuracy)."""
+    """Each dot product of the sums (with torch ops) covers at most BLOCK elements (their
+    accuracy)."""
+    monkeypatch.setattr(_cpu_loops, "_chosen", None)
     lengths = []
     real_dot = torch.dot
 
@@ -220,7 +231,10 @@ def test_a_small_block_cuts_the_step_into_blocks(name, form, small_blocks, monke
     for _ in range(2):
         set_grads(params, random_grads(params, gen))
         opt.step(loss=random_loss(gen))
-    if form == "host" and name in IN_PLACE_ON_THE_HOST:
+    if form == "host":    # the compiled loops: one loop per pass over all tensors, no blocks
+        assert not made, f"{name}: blocks where the compiled CPU loops run"
+        return
+    if form == "host_torch_ops" and name in IN_PLACE_ON_THE_HOST:
         # one pass of in-place foreach ops over whole tensors and blocked dot products: no
         # temporaries, hence no blocks; the dot products are cut at BLOCK (checked below)
         assert not made, f"{name}: blocks on the host, where the update needs none"
@@ -231,6 +245,62 @@ def test_a_small_block_cuts_the_step_into_blocks(name, form, small_blocks, monke
         assert n <= SMALL_BLOCK or (len(block) == 1 and not block[0].is_contiguous()), \
             f"{name}: a block of {n} elements in {[tuple(t.shape) for t in block]}"
     assert max(len(b) for b in made) > 1, "small tensors are grouped into one block"
+
+
+#: The compiled loops each configuration's host step calls: (sum pass, update pass).
+LOOPS_TAKEN = {name: ("sum_sq", "axpy") for name in NAMES} | {
+    "dog": ("dog_sums", "axpy"),
+    "clipped_sgd_momentum": ("sum_sq", "momentum_update"),
+    "nsgdm": ("momentum_sums", "momentum_update"),
+    "nsgdm_agnostic": ("momentum_sums", "momentum_update"),
+    "momo": ("momentum_sums", "momentum_update"),
+    "momo_bc_fstar": ("momentum_sums", "momentum_update"),
+    "momo_adam": ("adam_sums", "adam_update"),
+    "momo_adam_adamw_fstar": ("adam_sums", "adam_update")}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES.values()))
+@pytest.mark.parametrize("name", NAMES)
+def test_the_host_form_runs_each_pass_as_one_compiled_loop(name, dtype, monkeypatch):
+    """On the CPU every step is one call of its sum loop and one of its update loop, over all
+    tensors (the transposed one included), and no torch op touches a whole tensor."""
+    loops = _cpu_loops.module()
+    calls = []
+    for function in ("sum_sq", "dog_sums", "axpy", "momentum_sums", "momentum_update",
+                     "adam_sums", "adam_update"):
+        def recording(*args, _real=getattr(loops, function), _name=function):
+            calls.append((_name, len(args[0] if args[0] is not None else args[1])))
+            return _real(*args)
+        monkeypatch.setattr(loops, function, recording)
+    gen = torch.Generator().manual_seed(14)
+    params = random_params(dtype, gen)
+    opt = build(name, params, foreach=True)
+    set_grads(params, random_grads(params, gen))
+    opt.step(loss=random_loss(gen))
+    assert [c for c, _ in calls] == list(LOOPS_TAKEN[name]), f"{name}: {calls}"
+    assert all(n == len(params) for _, n in calls), f"{name}: {calls}"
+
+
+def test_a_step_on_tensors_the_loops_refuse_runs_the_torch_ops():
+    """A parameter with gaps in its memory (a strided slice) sends the step to the torch ops,
+    which give the reference's result."""
+    gen = torch.Generator().manual_seed(15)
+    base = torch.randn(9, 16, generator=gen, dtype=torch.float64)
+    params = [torch.nn.Parameter(torch.empty(9, 16)[:, ::2].copy_(base[:, ::2])),
+              torch.nn.Parameter(torch.randn(33, generator=gen))]
+    assert "not a dense CPU tensor" in _cpu_loops.module().refusal(params[:1])
+    ref_params = float64_copies(params)
+    opt = build("momo_adam", params, foreach=True)
+    ref = build("momo_adam", ref_params, foreach=False)
+    for _ in range(STEPS):
+        grads = random_grads(params, gen)
+        set_grads(params, grads)
+        set_grads(ref_params, [g.double() for g in grads])
+        loss = random_loss(gen)
+        opt.step(loss=loss)
+        ref.step(loss=loss)
+    assert _cpu_loops.for_tensors(params) is None
+    compare(opt, ref, params, ref_params, torch.float32, "momo_adam/gapped")
 
 
 # ---- 2. the choice of path -----------------------------------------------------------------------

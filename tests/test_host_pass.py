@@ -15,14 +15,15 @@ import pytest
 import torch
 
 from polyak_fused import _host_pass as csrc_host
-from polyak_fused._host_pass import build, reference
+from polyak_fused import _cpp_build as build
+from polyak_fused._host_pass import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    return build.build_and_load()
+    return csrc_host.compiled()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_the_cached_module_is_loaded_without_compiling(compiled, monkeypatch):
         raise AssertionError("compiled again although the cache holds the module")
 
     monkeypatch.setattr(build, "_compile", no_compiler)
-    module = build.build_and_load()
+    module = csrc_host.compiled()
     assert hasattr(module, "check_tensors") and hasattr(module, "grads_of_groups")
 
 
@@ -301,7 +302,7 @@ def test_a_missing_compiler_is_named(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with pytest.raises(build.BuildError, match="no C.. compiler found"):
-        build.build_and_load()
+        csrc_host.compiled()
 
 
 def test_invalid_choice_is_refused():

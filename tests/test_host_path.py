@@ -23,7 +23,7 @@ from test_parity import OPTIMIZERS, STATE_DEPENDENT_SCALARS
 
 from polyak_fused import _host_pass as csrc_host
 import polyak_fused as pf
-from polyak_fused._host_pass import build, reference
+from polyak_fused._host_pass import reference
 from polyak_fused._kernels import polyak_step as K
 
 # bfloat16: a few units in the last place after up to six steps (the interpreter rounds toward
@@ -35,7 +35,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
 @pytest.fixture(autouse=True, params=["compiled", "python"])
 def host_pass(request, monkeypatch):
     """Every test runs with the compiled host pass and with its Python specification."""
-    module = build.build_and_load() if request.param == "compiled" else reference
+    module = csrc_host.compiled() if request.param == "compiled" else reference
     monkeypatch.setattr(csrc_host, "_chosen", module)
     return module
 

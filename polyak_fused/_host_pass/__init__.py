@@ -8,7 +8,7 @@ parameter, gradient and state buffer is still where the launcher's tables point
 
 ``implementation()`` gives the module that does it:
   * the compiled ``host_pass.cpp`` (built on first use against the installed torch and cached:
-    build.py), or
+    polyak_fused/_cpp_build.py), or
   * ``reference.py``, the same functions in Python: the specification, and what runs where no
     C++ compiler is found (with one warning saying why).
 ``POLYAK_HOST_PASS`` chooses: ``auto`` (the default, as above), ``cpp`` (the compiled module or
@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 from . import reference
+
+SOURCE = Path(__file__).with_name("host_pass.cpp")
+MODULE_NAME = "_polyak_host_pass"
 
 #: Values per tensor in check_tensors' table (host_pass.cpp has the same).
 ROW = reference.ROW
@@ -44,10 +48,8 @@ def _choose(choice: str):
     if choice not in ("auto", "cpp"):
         raise ValueError(f"Invalid POLYAK_HOST_PASS: {choice!r} (expected auto, cpp or python)")
     try:
-        from .build import build_and_load  # (fcntl: not on Windows)
-
-        return build_and_load()
-    except (ImportError, OSError, RuntimeError) as e:  # build.BuildError is a RuntimeError
+        return compiled()
+    except (ImportError, OSError, RuntimeError) as e:  # BuildError is a RuntimeError
         if choice == "cpp":
             raise
         warnings.warn(
@@ -57,3 +59,10 @@ def _choose(choice: str):
             f"opt.flatten_grads(), whose step does not grow with the tensor count. Reason: {e}. "
             f"(POLYAK_HOST_PASS=python silences this warning.)", RuntimeWarning, stacklevel=3)
         return reference
+
+
+def compiled():
+    """The compiled module (built now if it is not cached); raises BuildError saying why not."""
+    from .. import _cpp_build  # (fcntl: not on Windows)
+
+    return _cpp_build.build_and_load(SOURCE, MODULE_NAME)

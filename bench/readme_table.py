@@ -331,7 +331,8 @@ def foreach_block(path: Path | None = None) -> str:
         f"torch {first['torch']}, median of {first['reps']} steps "
         f"([{path.name}](bench/results/{path.name}), whose .md has the conditions, the floors "
         f"and the targets). B/param: the bytes each step reads and writes per parameter, counted "
-        f"per op; extra MB: its peak resident memory beyond the tensors and the state.",
+        f"per op and compiled loop; extra MB: its peak resident memory beyond the tensors and "
+        f"the state.",
         "",
         "".join(head) + " B/param | extra MB |",
         "|---|" + "---|---|" * len(layouts) + "---|---|",

@@ -75,7 +75,7 @@ def _choose(choice: str):
             raise
         warnings.warn(
             f"polyak_fused: the compiled CPU loops could not be built, so the foreach path runs "
-            f"on the CPU with torch._foreach_* ops: the same results, 1.5-5x slower for the "
+            f"on the CPU with torch._foreach_* ops: the same results, 1.6-5x slower for the "
             f"methods with state (docs/paths.md). Install a C++ compiler to get them. Reason: "
             f"{e}. (POLYAK_CPU_LOOPS=torch silences this warning.)", RuntimeWarning, stacklevel=3)
         return None

@@ -31,6 +31,19 @@ SUM_RTOL = {torch.float32: 2e-6, torch.float64: 1e-14, torch.bfloat16: 2e-6,
             torch.float16: 2e-6}
 
 
+class Wrapper(torch.Tensor):
+    """A tensor subclass without storage of its own (as DTensor or a fake tensor)."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   device=inner.device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
 @pytest.fixture(scope="module")
 def loops():
     module = _cpu_loops.module()
@@ -194,6 +207,8 @@ def test_the_loops_refuse_what_they_cannot_take(loops):
     assert "has dtype Int" in loops.refusal([torch.ones(3, dtype=torch.int32)])
     assert "has 2 tensors" in loops.refusal([x], [x, x])
     assert "holds None" in loops.refusal([None])
+    assert "not a dense CPU tensor" in loops.refusal([torch.empty(6, 4, device="meta")])
+    assert "subclass with __torch_dispatch__" in loops.refusal([Wrapper(x)])
     assert _cpu_loops.for_tensors([gapped]) is None
     assert _cpu_loops.for_tensors([x]) is loops
     with pytest.raises(ValueError, match="not a dense CPU tensor"):

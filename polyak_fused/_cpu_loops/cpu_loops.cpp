@@ -126,7 +126,11 @@ struct Lists {
         if (!lists[j].present[i]) continue;
         const at::Tensor& t = lists[j].tensors[i];
         const std::string where = std::string(names[j]) + "[" + std::to_string(i) + "]";
-        if (!t.device().is_cpu() || t.layout() != at::kStrided || !t.is_non_overlapping_and_dense())
+        if (!t.device().is_cpu() || t.layout() != at::kStrided || !t.has_storage())
+          throw BadArgument(where + " is not a dense CPU tensor");
+        if (t.key_set().has(c10::DispatchKey::Python))
+          throw BadArgument(where + " is a tensor subclass with __torch_dispatch__");
+        if (!t.is_non_overlapping_and_dense() || (t.numel() > 0 && t.const_data_ptr() == nullptr))
           throw BadArgument(where + " is not a dense CPU tensor");
         const auto s = t.scalar_type();
         if (s != at::kFloat && s != at::kDouble && s != at::kBFloat16 && s != at::kHalf)
@@ -271,7 +275,7 @@ PyObject* refusal(PyObject*, PyObject* args) {
                                    "list 4", "list 5", "list 6", "list 7"};
     Lists check(lists, names);
     Py_RETURN_NONE;
-  } catch (const BadArgument& e) {
+  } catch (const std::exception& e) {  // (BadArgument, or torch refusing a tensor subclass)
     PyErr_Clear();
     return PyUnicode_FromString(e.what());
   }

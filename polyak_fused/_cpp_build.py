@@ -7,12 +7,12 @@ flags, torch build, Python, compiler) and cached as a shared library in ``$POLYA
 on a 2-core machine and needs a C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) and
 the Python headers, which Triton itself needs (it compiles its launcher in C). Processes that
 start together (the ranks of a torchrun job) take a file lock, so one of them compiles and the
-others load its result.
+others load its result. `choose` reads the environment variable that picks a compiled module or
+its fallback, the same way for both.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -101,6 +102,24 @@ def _load(name: str, path: Path):
     return module
 
 
+def choose(variable: str, choice: str, off: str, build, fallback, cost: str):
+    """The module the environment variable `variable` chooses (its value `choice`): "auto"
+    `build()`, or where that fails `fallback` with one RuntimeWarning that says what this costs
+    (`cost`) and why; "cpp" `build()` or its error; `off` the fallback, silently."""
+    if choice == off:
+        return fallback
+    if choice not in ("auto", "cpp"):
+        raise ValueError(f"Invalid {variable}: {choice!r} (expected auto, cpp or {off})")
+    try:
+        return build()
+    except (ImportError, OSError, RuntimeError) as e:  # BuildError is a RuntimeError
+        if choice == "cpp":
+            raise
+        warnings.warn(f"polyak_fused: {cost} Reason: {e}. ({variable}={off} silences this "
+                      f"warning.)", RuntimeWarning, stacklevel=4)
+        return fallback
+
+
 def build_and_load(source: Path, name: str, flags: tuple = ("-O2",)):
     """The module `name` compiled from `source` with `flags`, from the cache or built now.
     Raises BuildError saying why not."""
@@ -113,6 +132,8 @@ def build_and_load(source: Path, name: str, flags: tuple = ("-O2",)):
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = folder / f"{source.stem}_{_key(cxx, source, flags)}{suffix}"
     if not target.exists():
+        import fcntl  # (POSIX only: on Windows the ImportError sends callers to their fallback)
+
         with open(folder / "build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds, the others wait and load
             if not target.exists():

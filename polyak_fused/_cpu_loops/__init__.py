@@ -18,8 +18,9 @@ one warning saying why it could not be built), ``cpp`` (the compiled module or a
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
+
+from .. import _cpp_build
 
 SOURCE = Path(__file__).with_name("cpu_loops.cpp")
 MODULE_NAME = "_polyak_cpu_loops"
@@ -52,8 +53,6 @@ def for_tensors(*lists):
 
 def compiled():
     """The compiled module (built now if it is not cached); raises BuildError saying why not."""
-    from .. import _cpp_build  # (fcntl: not on Windows)
-
     try:
         return _cpp_build.build_and_load(SOURCE, MODULE_NAME, FLAGS)
     except _cpp_build.BuildError as native:
@@ -64,18 +63,8 @@ def compiled():
 
 
 def _choose(choice: str):
-    if choice == "torch":
-        return None
-    if choice not in ("auto", "cpp"):
-        raise ValueError(f"Invalid POLYAK_CPU_LOOPS: {choice!r} (expected auto, cpp or torch)")
-    try:
-        return compiled()
-    except (ImportError, OSError, RuntimeError) as e:  # BuildError is a RuntimeError
-        if choice == "cpp":
-            raise
-        warnings.warn(
-            f"polyak_fused: the compiled CPU loops could not be built, so the foreach path runs "
-            f"on the CPU with torch._foreach_* ops: the same results, 1.6-5x slower for the "
-            f"methods with state (docs/paths.md). Install a C++ compiler to get them. Reason: "
-            f"{e}. (POLYAK_CPU_LOOPS=torch silences this warning.)", RuntimeWarning, stacklevel=3)
-        return None
+    return _cpp_build.choose(
+        "POLYAK_CPU_LOOPS", choice, "torch", compiled, None,
+        "the compiled CPU loops could not be built, so the foreach path runs on the CPU with "
+        "torch._foreach_* ops: the same results, 1.6-5x slower for the methods with state "
+        "(docs/paths.md). Install a C++ compiler to get them.")

@@ -18,9 +18,9 @@ an error) or ``python``.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
+from .. import _cpp_build
 from . import reference
 
 SOURCE = Path(__file__).with_name("host_pass.cpp")
@@ -43,26 +43,14 @@ def implementation():
 
 
 def _choose(choice: str):
-    if choice == "python":
-        return reference
-    if choice not in ("auto", "cpp"):
-        raise ValueError(f"Invalid POLYAK_HOST_PASS: {choice!r} (expected auto, cpp or python)")
-    try:
-        return compiled()
-    except (ImportError, OSError, RuntimeError) as e:  # BuildError is a RuntimeError
-        if choice == "cpp":
-            raise
-        warnings.warn(
-            f"polyak_fused: the C++ host pass could not be built, so each fused step checks its "
-            f"tensors from Python, which costs about 1 us per tensor on the host (20-30x the "
-            f"C++ pass; docs/host_path.md). Install a C++ compiler, or use "
-            f"opt.flatten_grads(), whose step does not grow with the tensor count. Reason: {e}. "
-            f"(POLYAK_HOST_PASS=python silences this warning.)", RuntimeWarning, stacklevel=3)
-        return reference
+    return _cpp_build.choose(
+        "POLYAK_HOST_PASS", choice, "python", compiled, reference,
+        "the C++ host pass could not be built, so each fused step checks its tensors from "
+        "Python, which costs about 1 us per tensor on the host (20-30x the C++ pass; "
+        "docs/host_path.md). Install a C++ compiler, or use opt.flatten_grads(), whose step "
+        "does not grow with the tensor count.")
 
 
 def compiled():
     """The compiled module (built now if it is not cached); raises BuildError saying why not."""
-    from .. import _cpp_build  # (fcntl: not on Windows)
-
     return _cpp_build.build_and_load(SOURCE, MODULE_NAME)

@@ -2,8 +2,9 @@
 
 Two modules are built this way: the fused path's host pass (``_host_pass/host_pass.cpp``) and
 the foreach path's CPU loops (``_cpu_loops/cpu_loops.cpp``). Each is built once per (source,
-flags, torch build, Python, compiler) and cached as a shared library in ``$POLYAK_FUSED_CACHE`` (default ``$XDG_CACHE_HOME/polyak_fused``, else
-``~/.cache/polyak_fused``); later processes load it in milliseconds. A build takes 10-30 s
+flags, torch build, Python, compiler; and CPU, for a -march=native build) and cached as a
+shared library in ``$POLYAK_FUSED_CACHE`` (default ``$XDG_CACHE_HOME/polyak_fused``, else
+``~/.cache/polyak_fused``); later processes load it in milliseconds. A build takes 10-35 s
 on a 2-core machine and needs a C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) and
 the Python headers, which Triton itself needs (it compiles its launcher in C). Processes that
 start together (the ranks of a torchrun job) take a file lock, so one of them compiles and the

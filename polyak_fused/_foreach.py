@@ -9,10 +9,11 @@ Two forms, picked by the parameters' device:
   * elsewhere (MPS, XPU, CUDA without Triton) nothing is read on the host: the scalars stay 0-d
     device tensors, and each update is computed on a copy of a block of tensors and committed
     with torch.where(taken, new, old), so a skipped step leaves every tensor bitwise unchanged.
-On the host the passes run as compiled loops where they can (`cpu_loops`, polyak_fused/_cpu_loops:
-each of a step's passes one loop over all tensors); the torch ops below are their specification
-and what runs everywhere else. Both forms work block by block (at most BLOCK elements of each list at a time), so that no
-temporary is larger than a block: the extra memory does not grow with the model.
+On the host the passes run as compiled loops where they can (`cpu_loops`,
+polyak_fused/_cpu_loops: each of a step's passes one loop over all tensors, no temporaries); the
+torch ops below are their specification and what runs everywhere else. The torch ops work block
+by block (at most BLOCK elements of each list at a time), so that no temporary is larger than a
+block: the extra memory does not grow with the model.
 
 Precision is the reference's (polyak_fused._eager): per-element math in float32 for
 float32/bfloat16/float16 tensors, in float64 for float64 ones; each low-precision tensor is

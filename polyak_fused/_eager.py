@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .distributed import current_reduction
+
 
 def math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -43,18 +45,21 @@ def one_minus_power(beta: float, k: torch.Tensor) -> torch.Tensor:
     return -torch.expm1(k * math.log(beta))
 
 
-def is_finite(*scalars: torch.Tensor | None) -> torch.Tensor:
+def is_finite(*scalars: torch.Tensor | None, found_inf=None) -> torch.Tensor:
     """True (a 0-d bool tensor, no host sync) when every scalar is finite (None: not checked,
-    for the optional loss)."""
-    given = [s for s in scalars if s is not None]
-    ok = torch.isfinite(given[0])
-    for s in given[1:]:
-        ok = ok & torch.isfinite(s)
-    return ok
+    for the optional loss) and GradScaler found no inf or NaN in the scaled gradients
+    (``found_inf``; None without GradScaler): whether the step is taken."""
+    ok = torch.stack([s for s in scalars if s is not None]).isfinite().all()
+    return ok if found_inf is None else ok & (found_inf.reshape(()) == 0)
 
 
-def write_if(finite: torch.Tensor, target: torch.Tensor, value: torch.Tensor) -> None:
-    """target <- value when `finite`, else leave target bitwise unchanged (a skipped step)."""
+def write_if(finite, target: torch.Tensor, value: torch.Tensor) -> None:
+    """target <- value when `finite`, else leave target bitwise unchanged (a skipped step).
+    `finite` is a 0-d bool tensor, or a bool the CPU's foreach path has read already."""
+    if isinstance(finite, bool):
+        if finite:
+            target.copy_(value)
+        return
     target.copy_(torch.where(finite, value.to(target.dtype), target))
 
 
@@ -70,8 +75,11 @@ def descend(params, directions, lrs, eta: torch.Tensor, finite: torch.Tensor) ->
         write_if(finite, x, up(x) - (lr * eta).to(math_dtype(x)) * up(d))
 
 
-def count_step(scalars: dict, finite: torch.Tensor) -> None:
-    """step += 1 for a taken step, skipped += 1 for a skipped one."""
+def count_step(scalars: dict, finite) -> None:
+    """step += 1 for a taken step, skipped += 1 for a skipped one (`finite` as in write_if)."""
+    if isinstance(finite, bool):
+        scalars["step" if finite else "skipped"].add_(1)
+        return
     scalars["step"].add_(finite.to(scalars["step"].dtype))
     scalars["skipped"].add_((~finite).to(scalars["skipped"].dtype))
 
@@ -79,8 +87,6 @@ def count_step(scalars: dict, finite: torch.Tensor) -> None:
 def across_ranks(loss, *sums):
     """Under torch.distributed (see polyak_fused.distributed): the loss averaged over the ranks
     and each local sum added over the shards, in one all-reduce. In one process: unchanged."""
-    from .distributed import current_reduction
-
     reduction = current_reduction()
     if reduction is None:
         return (loss, *sums)
@@ -94,7 +100,3 @@ def unscale(grads, grad_scale):
         return grads
     return [up(g) / grad_scale.reshape(()).to(math_dtype(g)) for g in grads]
 
-
-def no_inf_found(found_inf):
-    """False (a 0-d bool tensor) when GradScaler found an inf or NaN in the scaled gradients."""
-    return True if found_inf is None else found_inf.reshape(()) == 0

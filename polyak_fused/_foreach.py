@@ -23,6 +23,7 @@ rounded once per step, as in the reference.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -124,6 +125,18 @@ def block_sums(parts: list[torch.Tensor], dtype: torch.dtype, device) -> torch.T
 
 
 # ---- the step's scalars -------------------------------------------------------------------------
+def is_finite(*scalars, found_inf=None):
+    """Whether the step is taken (E.is_finite): on the host a bool, which E.write_if and
+    E.count_step take as it is; elsewhere the 0-d bool tensor, read by nothing. On the host each
+    scalar is read as a Python float and checked there: a CPU sync stalls no device, and right
+    after a pass over the tensors each kind of 0-d torch op costs 10-20 us (its code is cold)."""
+    given = [s for s in scalars if s is not None]
+    if not on_host(given[0]):
+        return E.is_finite(*given, found_inf=found_inf)
+    return all(map(math.isfinite, map(float, given))) and (found_inf is None
+                                                         or float(found_inf) == 0)
+
+
 def taken(finite: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether to run the updates: on the host, whether the step is taken (a skipped step writes
     nothing); elsewhere always True, and `updating` commits only a taken step."""
@@ -259,7 +272,11 @@ def descend(params, directions, lrs, eta, finite, scale=1.0) -> None:
     if not params or not taken(finite, params[0]):
         return
     like = params[0]
-    coefs = per_lr(lrs, len(params), lambda lr: number(-(lr * eta) * scale, like))
+    if on_host(like):                   # in Python floats: no 0-d ops
+        eta = float(eta)
+        coefs = per_lr(lrs, len(params), lambda lr: -(float(lr) * eta) * scale)
+    else:
+        coefs = per_lr(lrs, len(params), lambda lr: number(-(lr * eta) * scale, like))
     loops = cpu_loops(params, directions)
     if loops is not None:
         loops.axpy(params, directions, coefs, [1.0] * len(params))

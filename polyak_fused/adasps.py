@@ -107,7 +107,7 @@ def _reference_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, gr
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = E.is_finite(loss, grad_sq, found_inf=found_inf)
     step, eta, gap_sum = _step_size(s, loss, grad_sq, c_p, lower_bound)
     E.descend(params, grads, lrs, step, finite)                          # x <- x - lr eta g
     E.write_if(finite, s["gap_sum"], gap_sum)
@@ -120,7 +120,7 @@ def _foreach_adasps(params, grads, scalars, *, lrs, loss, c_p, lower_bound, grad
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     step, eta, gap_sum = _step_size(s, loss, grad_sq, c_p, lower_bound)
     F.descend(params, grads, lrs, step, finite, F.inverse_scale(grad_scale, params[0]))
     E.write_if(finite, s["gap_sum"], gap_sum)

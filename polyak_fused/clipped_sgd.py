@@ -117,7 +117,7 @@ def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, los
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))
-    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
+    finite = E.is_finite(grad_sq, loss, found_inf=found_inf)
     norm, coef = _clip(grad_sq, max_norm)
     if momentum > 0:
         directions = []
@@ -138,7 +138,7 @@ def _foreach_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss,
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
-    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
+    finite = F.is_finite(grad_sq, loss, found_inf=found_inf)
     norm, coef = _clip(grad_sq, max_norm)
     like, inv_scale = params[0], F.inverse_scale(grad_scale, params[0])
     if momentum == 0:

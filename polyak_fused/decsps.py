@@ -108,7 +108,7 @@ def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_b
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_k||^2
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = E.is_finite(loss, grad_sq, found_inf=found_inf)
     eta, bound = _step_size(s, loss, grad_sq, c0, lower_bound)
     E.descend(params, grads, lrs, eta, finite)                             # x <- x - lr gamma g
     E.write_if(finite, s["bound"], bound)
@@ -121,7 +121,7 @@ def _foreach_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bou
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     eta, bound = _step_size(s, loss, grad_sq, c0, lower_bound)
     F.descend(params, grads, lrs, eta, finite, F.inverse_scale(grad_scale, params[0]))
     E.write_if(finite, s["bound"], bound)

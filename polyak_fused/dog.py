@@ -130,7 +130,7 @@ def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_d
         E.sum_of_squares(d, dt),                                            # ||d_t||^2
         E.sum_of_squares(distances, dt),                                    # ||x_t - x_0||^2
         E.sum_of_squares(x0s, dt))                                          # ||x_0||^2
-    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
+    finite = E.is_finite(grad_sq, loss, found_inf=found_inf)
     eta, rbar, G = _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel)
     E.descend(params, d, lrs, eta, finite)                                  # x <- x - lr eta d
     E.write_if(finite, s["rbar"], rbar)
@@ -179,7 +179,7 @@ def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_dec
     if weight_decay == 0 and grad_scale is not None:
         grad_sq = grad_sq / grad_scale.reshape(()).to(device=like.device, dtype=dt).square()
     loss, grad_sq, dist_sq, x0_sq = E.across_ranks(loss, grad_sq, dist_sq, x0_sq)
-    finite = E.is_finite(grad_sq, loss) & E.no_inf_found(found_inf)
+    finite = F.is_finite(grad_sq, loss, found_inf=found_inf)
     inv_scale = F.inverse_scale(grad_scale, like)
     eta, rbar, G = _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel)
     if params and F.taken(finite, like):

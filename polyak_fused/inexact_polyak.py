@@ -246,7 +246,7 @@ def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss,
     params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = E.is_finite(loss, grad_sq, found_inf=found_inf)
     eta = _step_size(loss, grad_sq, total_steps, lower_bound)
     if track_best:  # Algorithm 1: if f(x_t) <= f_best: f_best, x_best <- f(x_t), x_t
         improved = finite & (loss <= s["best_loss"])
@@ -267,7 +267,7 @@ def _foreach_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, t
     params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
     loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     eta = _step_size(loss, grad_sq, total_steps, lower_bound)
     if track_best:
         improved = finite & (loss <= s["best_loss"])

@@ -282,7 +282,7 @@ def _reference_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_deca
     loss, gx, dx, d_sq = E.across_ranks(loss, E.inner(grads, params, dt),   # f_k, <g_k, x_k>,
                                         E.inner(d_new, params, dt),         # <d_k, x_k>,
                                         E.sum_of_squares(d_new, dt))        # ||d_k||^2
-    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    finite = E.is_finite(loss, gx, dx, d_sq, found_inf=found_inf)
     f_avg = beta * torch.where(seed, loss, s["loss_avg"]) + (1 - beta) * loss     # f̄_k
     gamma = beta * torch.where(seed, gx, s["grad_dot_w"]) + (1 - beta) * gx       # gamma_k
     rho = E.one_minus_power(beta, k) if bias_correction else torch.ones_like(k)  # rho_k
@@ -326,7 +326,7 @@ def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay,
             dd += F.dots(d, d)
         gx, dx, d_sq = (F.block_sums(p, dt, like.device) for p in (gx, dx, dd))
     loss, gx, dx, d_sq = E.across_ranks(loss, gx, dx, d_sq)
-    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    finite = F.is_finite(loss, gx, dx, d_sq, found_inf=found_inf)
     f_avg = beta * torch.where(seed, loss, s["loss_avg"]) + (1 - beta) * loss
     gamma = beta * torch.where(seed, gx, s["grad_dot_w"]) + (1 - beta) * gx
     rho = E.one_minus_power(beta, k) if bias_correction else torch.ones_like(k)

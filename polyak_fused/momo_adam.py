@@ -221,7 +221,7 @@ def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs
         loss, E.inner(grads, params, dt),                              # f_k, <g_k, x_k>,
         E.inner(d_new, params, dt),                                    # <d_k, x_k>,
         E.inner(d_new, [dn / Dk for dn, Dk in zip(d_new, D)], dt))     # sum d_k^2 / D_k
-    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    finite = E.is_finite(loss, gx, dx, d_sq, found_inf=found_inf)
     f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]                 # f̄_k
     gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx                 # gamma_k
     lb_k, steps, tau_first = model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, lb=lb,
@@ -280,7 +280,7 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
             dd += F.dots(d, torch._foreach_div(d, D))                # sum d_k^2 / D_k
         gx, dx, d_sq = (F.block_sums(p, dt, like.device) for p in (gx, dx, dd))
     loss, gx, dx, d_sq = E.across_ranks(loss, gx, dx, d_sq)
-    finite = E.is_finite(loss, gx, dx, d_sq) & E.no_inf_found(found_inf)
+    finite = F.is_finite(loss, gx, dx, d_sq, found_inf=found_inf)
     f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]
     gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx
     lb_k, steps, tau_first = model_step(s, lrs, scalars, f_avg, dx, gamma, d_sq, rho, lb=lb,

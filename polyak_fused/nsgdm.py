@@ -120,7 +120,7 @@ def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, bet
     m_new = [beta_t.to(E.math_dtype(m)) * E.up(m) + (1 - beta_t).to(E.math_dtype(m)) * E.up(g)
              for m, g in zip(momentum_buffers, grads)]       # m_t = beta_t m + (1 - beta_t) g
     loss, m_sq = E.across_ranks(loss, E.sum_of_squares(m_new, scalars.dtype))  # ||m_t||^2
-    finite = E.is_finite(m_sq, loss) & E.no_inf_found(found_inf)
+    finite = E.is_finite(m_sq, loss, found_inf=found_inf)
     eta = _step_size(m_sq, s_t)
     for m, mn in zip(momentum_buffers, m_new):
         E.write_if(finite, m, mn)
@@ -153,7 +153,7 @@ def _foreach_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta,
             parts += F.dots(m, m)
         m_sq = F.block_sums(parts, scalars.dtype, like.device)
     loss, m_sq = E.across_ranks(loss, m_sq)
-    finite = E.is_finite(m_sq, loss) & E.no_inf_found(found_inf)
+    finite = F.is_finite(m_sq, loss, found_inf=found_inf)
     eta = _step_size(m_sq, s_t)
     if F.taken(finite, like):
         coefs = F.per_lr(lrs, len(params), lambda lr: F.number(-(lr * eta), like))

@@ -106,7 +106,7 @@ def _reference_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, g
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     grads = E.unscale(grads, grad_scale)                               # GradScaler: g / S
     loss, grad_sq = E.across_ranks(loss, E.sum_of_squares(grads, scalars.dtype))  # f, ||g_t||^2
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = E.is_finite(loss, grad_sq, found_inf=found_inf)
     eta = _step_size(loss, grad_sq, f_star, c, max_lr)
     E.descend(params, grads, lrs, eta, finite)                          # x <- x - lr * eta * g
     E.write_if(finite, s["step_size"], eta)
@@ -118,7 +118,7 @@ def _foreach_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, gra
     s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
     loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
-    finite = E.is_finite(loss, grad_sq) & E.no_inf_found(found_inf)
+    finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     eta = _step_size(loss, grad_sq, f_star, c, max_lr)
     F.descend(params, grads, lrs, eta, finite, F.inverse_scale(grad_scale, params[0]))
     E.write_if(finite, s["step_size"], eta)

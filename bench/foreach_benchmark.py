@@ -16,7 +16,8 @@ What is measured, per (layout, provider):
     both outside the timed region. The providers are interleaved: ``--rounds`` rounds, each
     timing every provider for reps / rounds steps (the order rotated every round), so that a
     drift of the shared machine's speed reaches every provider alike. Median and 20th / 80th
-    percentiles of ``--reps`` steps (default 15).
+    percentiles of ``--reps`` steps (default 45, in 15 rounds of 3: on a shared 2-core VM torch
+    SGD's own p20-p80 spanned 20-38 ms on GPT-2 with 15 steps in 3 rounds, bench/NOTES.md).
   * bytes per parameter: counted, not assumed: one step runs under a TorchDispatchMode that adds
     up, for every aten op the step dispatches, the bytes of its tensor inputs (each tensor once
     per op; not the destination of copy_/fill_/zero_) and of the tensors it writes (mutated
@@ -656,8 +657,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="tiny layouts, 3 steps, one memory subprocess (a smoke run)")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per provider (15)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per provider (45)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (15)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma list of " + ", ".join(PROVIDERS))
@@ -693,8 +694,8 @@ def main(argv=None) -> Path:
     for n in lnames:
         if n not in known:
             raise SystemExit(f"unknown layout {n!r}; known: {', '.join(known)}")
-    reps = a.reps or (3 if a.quick else 15)
-    rounds = min(reps, a.rounds or (1 if a.quick else 3))
+    reps = a.reps or (3 if a.quick else 45)
+    rounds = min(reps, a.rounds or (1 if a.quick else 15))
     if a.profile_only:
         reps, a.no_memory, a.no_profile = 0, True, False
     out = a.out or RESULTS / f"foreach_cpu_{_dt.date.today().isoformat()}"

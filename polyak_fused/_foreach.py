@@ -129,7 +129,8 @@ def is_finite(*scalars, found_inf=None):
     """Whether the step is taken (E.is_finite): on the host a bool, which E.write_if and
     E.count_step take as it is; elsewhere the 0-d bool tensor, read by nothing. On the host each
     scalar is read as a Python float and checked there: a CPU sync stalls no device, and right
-    after a pass over the tensors each kind of 0-d torch op costs 10-20 us (its code is cold)."""
+    after a pass over the tensors the first 0-d torch op of each kind costs 13-41 us (its code
+    is cold; bench/NOTES.md, "Fourth run")."""
     given = [s for s in scalars if s is not None]
     if not on_host(given[0]):
         return E.is_finite(*given, found_inf=found_inf)

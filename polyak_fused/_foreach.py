@@ -138,12 +138,11 @@ def is_finite(*scalars, found_inf=None):
                                                          or float(found_inf) == 0)
 
 
-def taken(finite: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether to run the updates: on the host, whether the step is taken (a skipped step writes
-    nothing); elsewhere always True, and `updating` commits only a taken step."""
-    if not on_host(like):
-        return True
-    return bool(finite) if torch.is_tensor(finite) else finite
+def taken(finite, like: torch.Tensor) -> bool:
+    """Whether to run the updates: on the host, whether the step is taken (`finite` is the bool
+    `is_finite` read; a skipped step writes nothing); elsewhere always True, and `updating`
+    commits only a taken step."""
+    return finite if on_host(like) else True
 
 
 def number(value, like: torch.Tensor):

@@ -55,8 +55,9 @@ def is_finite(*scalars: torch.Tensor | None, found_inf=None) -> torch.Tensor:
 
 def write_if(finite, target: torch.Tensor, value: torch.Tensor) -> None:
     """target <- value when `finite`, else leave target bitwise unchanged (a skipped step).
-    `finite` is a 0-d bool tensor, or a bool the CPU's foreach path has read already."""
-    if isinstance(finite, bool):
+    `finite` is a 0-d bool tensor, or a host value the CPU's foreach path has read already (a
+    bool or a HostScalar, whose target is then a HostScalar slot too)."""
+    if not isinstance(finite, torch.Tensor):
         if finite:
             target.copy_(value)
         return
@@ -77,7 +78,7 @@ def descend(params, directions, lrs, eta: torch.Tensor, finite: torch.Tensor) ->
 
 def count_step(scalars: dict, finite) -> None:
     """step += 1 for a taken step, skipped += 1 for a skipped one (`finite` as in write_if)."""
-    if isinstance(finite, bool):
+    if not isinstance(finite, torch.Tensor):
         scalars["step" if finite else "skipped"].add_(1)
         return
     scalars["step"].add_(finite.to(scalars["step"].dtype))

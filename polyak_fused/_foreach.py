@@ -4,8 +4,9 @@ from these and shares the reference's step-size rule. docs/paths.md explains the
 
 Two forms, picked by the parameters' device:
   * on the host (CPU), the step's scalars (the step size, whether the step is taken) are read as
-    Python numbers: a CPU "sync" stalls no device. A skipped step writes nothing; a taken one
-    updates the tensors in place.
+    Python numbers: a CPU "sync" stalls no device. The step's rule runs on them as HostScalars
+    (`scalar_slots`, `across_ranks`; polyak_fused/_host_scalars.py). A skipped step writes
+    nothing; a taken one updates the tensors in place.
   * elsewhere (MPS, XPU, CUDA without Triton) nothing is read on the host: the scalars stay 0-d
     device tensors, and each update is computed on a copy of a block of tensors and committed
     with torch.where(taken, new, old), so a skipped step leaves every tensor bitwise unchanged.
@@ -29,6 +30,7 @@ import torch
 
 from . import _cpu_loops
 from . import _eager as E
+from . import _host_scalars as H
 
 #: Device types whose step reads its scalars on the host (no accelerator to stall).
 HOST_DEVICES = ("cpu",)
@@ -125,6 +127,34 @@ def block_sums(parts: list[torch.Tensor], dtype: torch.dtype, device) -> torch.T
 
 
 # ---- the step's scalars -------------------------------------------------------------------------
+def in_host_numbers(scalars: torch.Tensor) -> bool:
+    """Whether the step's rule runs in Python numbers (on the host, with packed scalars that
+    `slots` can write into: those every optimizer and functional_state make)."""
+    return on_host(scalars) and H.can_hold(scalars)
+
+
+def scalar_slots(scalars: torch.Tensor, names: tuple) -> dict:
+    """The saved scalars by name. On the host, HostScalars that write back into `scalars`, so
+    the rule runs in Python numbers (polyak_fused/_host_scalars.py); elsewhere 0-d views."""
+    if in_host_numbers(scalars):
+        return H.slots(scalars, names)
+    return dict(zip(names, scalars.unbind()))
+
+
+def across_ranks(scalars: torch.Tensor, loss, *sums):
+    """E.across_ranks of the loss (or None) and the sums (0-d tensors, or the CPU loops'
+    numbers). On the host (see `scalar_slots`) each is then read as a HostScalar, rounded to
+    the dtype of `scalars`."""
+    dtype = scalars.dtype
+    host = in_host_numbers(scalars)
+    if not host or E.current_reduction() is not None:    # (the all-reduce takes tensors)
+        loss, *sums = E.across_ranks(loss, *(s if torch.is_tensor(s) else
+                                             torch.tensor(s, dtype=dtype) for s in sums))
+    if not host:
+        return (loss, *sums)
+    return tuple(None if v is None else H.read(v, dtype) for v in (loss, *sums))
+
+
 def is_finite(*scalars, found_inf=None):
     """Whether the step is taken (E.is_finite): on the host a bool, which E.write_if and
     E.count_step take as it is; elsewhere the 0-d bool tensor, read by nothing. On the host each
@@ -255,7 +285,11 @@ def unscaled(grads: list[torch.Tensor], grad_scale) -> list[torch.Tensor]:
 
 def inverse_scale(grad_scale, like: torch.Tensor):
     """1/S as the updates take it (1.0 without GradScaler)."""
-    return 1.0 if grad_scale is None else number(1.0 / grad_scale.reshape(()).double(), like)
+    if grad_scale is None:
+        return 1.0
+    if on_host(like):
+        return 1.0 / float(grad_scale)          # (GradScaler's S is never 0)
+    return number(1.0 / grad_scale.reshape(()).double(), like)
 
 
 def unscaled_sum_of_squares(grads, grad_scale, dtype) -> torch.Tensor:

@@ -135,8 +135,8 @@ def _reference_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, los
 
 def _foreach_clipped_sgd(params, grads, momentum_buffers, scalars, *, lrs, loss, max_norm,
                          momentum, grad_scale, found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
+    loss, grad_sq = F.across_ranks(scalars, loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
     finite = F.is_finite(grad_sq, loss, found_inf=found_inf)
     norm, coef = _clip(grad_sq, max_norm)

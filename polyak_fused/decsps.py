@@ -118,8 +118,8 @@ def _reference_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_b
 
 def _foreach_decsps(params, grads, scalars, *, lrs, loss, c0, gamma_b, lower_bound, grad_scale,
                     found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
+    loss, grad_sq = F.across_ranks(scalars, loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
     finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     eta, bound = _step_size(s, loss, grad_sq, c0, lower_bound)

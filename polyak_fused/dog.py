@@ -141,7 +141,7 @@ def _reference_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_d
 
 def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_decay, grad_scale,
                  found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
     dt, like = scalars.dtype, params[0]
 
     def direction_sq(xs, gs):         # partial sums of ||d_t||^2 (||g||^2 without weight decay:
@@ -155,8 +155,8 @@ def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_dec
     loops = F.cpu_loops(list(params), list(x0s), list(grads))
     if loops is not None:
         g_scale = 1.0 if weight_decay == 0 else F.inverse_scale(grad_scale, like)
-        dist_sq, x0_sq, grad_sq = (torch.tensor(v, dtype=dt) for v in loops.dog_sums(
-            list(params), list(x0s), list(grads), g_scale, weight_decay))
+        dist_sq, x0_sq, grad_sq = loops.dog_sums(list(params), list(x0s), list(grads), g_scale,
+                                                 weight_decay)
     else:                        # block by block (each block's x_0 read once; g in the same
         every = all(g is not None for g in grads)    # pass when every parameter has one)
         dist, x0_parts, d_parts = [], [], []
@@ -178,7 +178,7 @@ def _foreach_dog(params, grads, x0s, scalars, *, lrs, loss, reps_rel, weight_dec
     params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
     if weight_decay == 0 and grad_scale is not None:
         grad_sq = grad_sq / grad_scale.reshape(()).to(device=like.device, dtype=dt).square()
-    loss, grad_sq, dist_sq, x0_sq = E.across_ranks(loss, grad_sq, dist_sq, x0_sq)
+    loss, grad_sq, dist_sq, x0_sq = F.across_ranks(scalars, loss, grad_sq, dist_sq, x0_sq)
     finite = F.is_finite(grad_sq, loss, found_inf=found_inf)
     inv_scale = F.inverse_scale(grad_scale, like)
     eta, rbar, G = _step_size(s, grad_sq, dist_sq, x0_sq, reps_rel)

@@ -260,12 +260,12 @@ def _reference_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss,
 
 def _foreach_inexact_polyak(params, grads, best_params, scalars, *, lrs, loss, total_steps,
                             lower_bound, track_best, grad_scale, found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
     iterate = list(params)
     stepped = [i for i, g in enumerate(grads) if g is not None]
     lrs = E.per_tensor(lrs, len(params))
     params, grads, lrs = ([ts[i] for i in stepped] for ts in (params, grads, lrs))
-    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+    loss, grad_sq = F.across_ranks(scalars, loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
     finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     eta = _step_size(loss, grad_sq, total_steps, lower_bound)

@@ -298,7 +298,7 @@ def _reference_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_deca
 
 def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay, beta, lb,
                   bias_correction, use_fstar, grad_scale, found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
     dt, like = scalars.dtype, params[0]
     lrs = E.per_tensor(lrs, len(params))
     k = s["step"] + 1
@@ -315,7 +315,7 @@ def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay,
     if loops is not None:     # <g_k, x_k>, <d_k, x_k>, ||d_k||^2 in one pass over x, d and g
         sums = loops.momentum_sums(list(params), list(grad_avgs), list(grads), beta, 1 - beta,
                                    inv_scale, bool(seed_here))
-        gx, dx, d_sq = (torch.tensor(v, dtype=dt) for v in sums)
+        gx, dx, d_sq = sums
     else:
         gx, dx, dd = [], [], []        # <g_k, x_k>, <d_k, x_k>, ||d_k||^2, d_k not yet written
         for xs, gs, ds in F.blocks(list(params), grads, list(grad_avgs)):
@@ -325,7 +325,7 @@ def _foreach_momo(params, grads, grad_avgs, scalars, *, lrs, loss, weight_decay,
             dx += F.dots(d, xs)
             dd += F.dots(d, d)
         gx, dx, d_sq = (F.block_sums(p, dt, like.device) for p in (gx, dx, dd))
-    loss, gx, dx, d_sq = E.across_ranks(loss, gx, dx, d_sq)
+    loss, gx, dx, d_sq = F.across_ranks(scalars, loss, gx, dx, d_sq)
     finite = F.is_finite(loss, gx, dx, d_sq, found_inf=found_inf)
     f_avg = beta * torch.where(seed, loss, s["loss_avg"]) + (1 - beta) * loss
     gamma = beta * torch.where(seed, gx, s["grad_dot_w"]) + (1 - beta) * gx

@@ -243,7 +243,7 @@ def _reference_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs
 
 def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, loss, betas,
                        eps, weight_decay, lb, divide, use_fstar, grad_scale, found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
     dt, like = scalars.dtype, params[0]
     lrs = E.per_tensor(lrs, len(params))
     beta1, beta2 = betas
@@ -265,7 +265,7 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
     loops = F.cpu_loops(*tensors)
     moments = (beta1, beta2, F.inverse_scale(grad_scale, like), bias2, eps)
     if loops is not None:  # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k in one pass over x, d, v, g
-        gx, dx, d_sq = (torch.tensor(v, dtype=dt) for v in loops.adam_sums(*tensors, *moments))
+        gx, dx, d_sq = loops.adam_sums(*tensors, *moments)
     else:
         gx, dx, dd = [], [], []    # <g_k, x_k>, <d_k, x_k>, sum d_k^2 / D_k; d, v not written
         for xs, gs, ds, vs in F.blocks(list(params), grads, list(grad_avgs),
@@ -279,7 +279,7 @@ def _foreach_momo_adam(params, grads, grad_avgs, grad_avg_sqs, scalars, *, lrs, 
             dx += F.dots(d, xs)
             dd += F.dots(d, torch._foreach_div(d, D))                # sum d_k^2 / D_k
         gx, dx, d_sq = (F.block_sums(p, dt, like.device) for p in (gx, dx, dd))
-    loss, gx, dx, d_sq = E.across_ranks(loss, gx, dx, d_sq)
+    loss, gx, dx, d_sq = F.across_ranks(scalars, loss, gx, dx, d_sq)
     finite = F.is_finite(loss, gx, dx, d_sq, found_inf=found_inf)
     f_avg = (1 - beta1) * loss + beta1 * s["loss_avg"]
     gamma = beta1 * s["grad_dot_w"] + (1 - beta1) * gx

@@ -131,7 +131,7 @@ def _reference_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, bet
 
 def _foreach_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta, schedule,
                    grad_scale, found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
     like = params[0]
     beta_t, s_t = _schedule(s["step"] + 1, beta, schedule)
     b = F.number(beta_t, like)
@@ -144,15 +144,15 @@ def _foreach_nsgdm(params, grads, momentum_buffers, scalars, *, lrs, loss, beta,
 
     loops = F.cpu_loops(list(params), list(momentum_buffers), list(grads))
     if loops is not None:                    # ||m_t||^2 in one pass over m and g
-        m_sq = torch.tensor(loops.momentum_sums(None, list(momentum_buffers), list(grads), b,
-                                                g_weight, 1.0, False)[2], dtype=scalars.dtype)
+        m_sq = loops.momentum_sums(None, list(momentum_buffers), list(grads), b, g_weight, 1.0,
+                                   False)[2]
     else:
         parts = []                           # ||m_t||^2, block by block, m_t not yet written
         for ms, gs in F.blocks(momentum_buffers, grads):
             m = momentum_of(ms, gs)
             parts += F.dots(m, m)
         m_sq = F.block_sums(parts, scalars.dtype, like.device)
-    loss, m_sq = E.across_ranks(loss, m_sq)
+    loss, m_sq = F.across_ranks(scalars, loss, m_sq)
     finite = F.is_finite(m_sq, loss, found_inf=found_inf)
     eta = _step_size(m_sq, s_t)
     if F.taken(finite, like):

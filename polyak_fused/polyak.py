@@ -115,8 +115,8 @@ def _reference_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, g
 
 def _foreach_polyak(params, grads, scalars, *, lrs, loss, f_star, c, max_lr, grad_scale,
                     found_inf):
-    s = dict(zip(COMMON_SCALARS + SCALARS, scalars.unbind()))
-    loss, grad_sq = E.across_ranks(loss, F.unscaled_sum_of_squares(grads, grad_scale,
+    s = F.scalar_slots(scalars, COMMON_SCALARS + SCALARS)
+    loss, grad_sq = F.across_ranks(scalars, loss, F.unscaled_sum_of_squares(grads, grad_scale,
                                                                    scalars.dtype))
     finite = F.is_finite(loss, grad_sq, found_inf=found_inf)
     eta = _step_size(loss, grad_sq, f_star, c, max_lr)

@@ -14,10 +14,14 @@ What is measured, per (layout, provider):
   * time per step: time.perf_counter around one step(); before each timed step the gradients are
     refreshed from a pool of two random sets and a 48 MB buffer is read (more than the 32 MB L3),
     both outside the timed region. The providers are interleaved: ``--rounds`` rounds, each
-    timing every provider for reps / rounds steps (the order rotated every round), so that a
-    drift of the shared machine's speed reaches every provider alike. Median and 20th / 80th
-    percentiles of ``--reps`` steps (default 45, in 15 rounds of 3: on a shared 2-core VM torch
-    SGD's own p20-p80 spanned 20-38 ms on GPT-2 with 15 steps in 3 rounds, bench/NOTES.md).
+    timing every provider for reps / rounds steps (the order rotated every round). The ms
+    columns: median and 20th / 80th percentiles of ``--reps`` steps (default 45, in 45 rounds of
+    one step each).
+  * ratios (x clip+SGD, x Adam, x peer, x floor): the median over rounds of the ratio of two
+    providers' times in the same round (`paired_ratio`). On a shared 2-core VM the memory runs
+    in fast and slow phases of seconds to tens of seconds, 1.5x apart, which every provider
+    timed in them shares (bench/NOTES.md); a ratio of two all-step medians compared steps that
+    fell in the phases in different proportions, and swung by up to 20% between runs.
   * bytes per parameter: counted, not assumed: one step runs under a TorchDispatchMode that adds
     up, for every aten op the step dispatches, the bytes of its tensor inputs (each tensor once
     per op; not the destination of copy_/fill_/zero_) and of the tensors it writes (mutated
@@ -26,7 +30,9 @@ What is measured, per (layout, provider):
     the CPU", has the count per method and what it leaves out). ``budget_bytes_per_param`` is the
     fused kernels' traffic budget (bench/step_benchmark.py::bytes_per_param), the method's own.
   * floor: bytes x n_params / the bandwidth torch's SGD(foreach=True) reaches in the same run
-    on the same layout (its 12 B/param over its median time); ratio_to_floor = median / floor.
+    on the same layout (its 12 B/param over its median time); ratio_to_floor = the paired ratio
+    to torch's SGD x its 12 B / the method's budget (the floor taken at SGD's bandwidth in each
+    round).
   * targets (the issue's): InexactPolyak <= 0.8x clip+SGD on GPT-2 124M and <= 1.0x on
     2000 x 4096; every other method <= 1.0x clip+SGD on GPT-2 124M, scaled by budget / 24 B where
     the method's own traffic (its budget) is larger than clip+SGD's 24 B; ClippedSGD with
@@ -442,17 +448,21 @@ def time_layout(layout: L.Layout, names: list[str], *, reps: int, rounds: int, w
             steps[name](work.refresh(i))
             i += 1
     times = {n: [] for n in names}
+    round_ms = {n: [] for n in names}      # per round: the median of that round's steps
     per_round = [reps // rounds + (r < reps % rounds) for r in range(rounds)] if reps else []
     for r, k in enumerate(per_round):
         shift = (r * len(names)) // max(rounds, 1)
         order = names[shift:] + names[:shift]
         for name in order:
+            these = []
             for _ in range(k):
                 loss = work.refresh(i)
                 t0 = time.perf_counter()
                 steps[name](loss)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                these.append((time.perf_counter() - t0) * 1e3)
                 i += 1
+            times[name] += these
+            round_ms[name].append(pct(these, 0.5))
         log(f"#   round {r + 1}/{rounds} done (load avg {SB.load_average()})")
     out = {}
     for name in names:
@@ -465,7 +475,7 @@ def time_layout(layout: L.Layout, names: list[str], *, reps: int, rounds: int, w
         i += 1
         ts = times[name] or [math.nan]
         out[name] = {"median_ms": pct(ts, 0.5), "p20_ms": pct(ts, 0.2), "p80_ms": pct(ts, 0.8),
-                     "reps": len(times[name]), "bytes_per_param": counter.total() / layout.n_params,
+                     "reps": len(times[name]), "round_ms": round_ms[name], "bytes_per_param": counter.total() / layout.n_params,
                      "ops": dict(counter.ops), "profile": prof}
     finite = work.all_finite()
     del steps, opts, work
@@ -479,7 +489,8 @@ def time_layout(layout: L.Layout, names: list[str], *, reps: int, rounds: int, w
 # ------------------------------------------------------------------------------------------------
 # Rows, targets, tables
 # ------------------------------------------------------------------------------------------------
-COLUMNS = ("layout", "n_params", "n_tensors", "method", "label", "kind", "reps", "median_ms",
+COLUMNS = ("layout", "n_params", "n_tensors", "method", "label", "kind", "reps", "rounds",
+           "median_ms",
            "p20_ms", "p80_ms", "bytes_per_param", "budget_bytes_per_param", "sgd_gbps",
            "floor_ms", "ratio_to_floor", "floor_target", "floor_met", "ratio_clip_sgd",
            "ratio_adam", "peer", "ratio_peer", "time_target", "time_met", "peak_extra_mb",
@@ -503,6 +514,19 @@ def time_target(name: str, layout: str) -> float | None:
     return max(1.0, p.budget / CLIP_SGD_BYTES)
 
 
+def paired_ratio(timed: dict, a: str, b: str) -> float:
+    """a's time over b's, as the median over rounds of the ratio within each round.
+
+    One round times every provider in turn within a second or two. A shared VM's memory runs in
+    fast and slow phases of several seconds to tens of seconds (1.5x apart on GPT-2,
+    bench/NOTES.md), so two medians over all steps compare steps that fell in different phases
+    in different proportions; two times taken in one round share the phase."""
+    ra, rb = timed[a]["round_ms"], timed[b]["round_ms"]
+    if not ra or len(ra) != len(rb):
+        return timed[a]["median_ms"] / timed[b]["median_ms"]
+    return pct([x / y for x, y in zip(ra, rb)], 0.5)
+
+
 def make_rows(layout: L.Layout, timed: dict, memory: dict, meta: dict) -> list[dict]:
     sgd = timed["torch_sgd"]
     sgd_bytes = sgd["bytes_per_param"]
@@ -514,22 +538,24 @@ def make_rows(layout: L.Layout, timed: dict, memory: dict, meta: dict) -> list[d
         p = PROVIDERS[name]
         med = t["median_ms"]
         floor = p.budget * layout.n_params / bw * 1e3     # the method's own floor: its minimum
+        # x floor = t / (budget * n / bw) = (t / t_sgd) * sgd_bytes / budget, with t / t_sgd paired
+        to_floor = paired_ratio(timed, name, "torch_sgd") * sgd_bytes / p.budget
         row = {"layout": layout.name, "n_params": layout.n_params, "n_tensors": layout.n_tensors,
                "method": name, "label": p.label, "kind": p.kind, "reps": t["reps"],
                "median_ms": f"{med:.4g}", "p20_ms": f"{t['p20_ms']:.4g}",
                "p80_ms": f"{t['p80_ms']:.4g}", "bytes_per_param": f"{t['bytes_per_param']:.2f}",
                "budget_bytes_per_param": p.budget, "sgd_gbps": f"{bw / 1e9:.2f}",
-               "floor_ms": f"{floor:.4g}", "ratio_to_floor": f"{med / floor:.3f}",
-               "ratio_clip_sgd": f"{med / timed['torch_clip_sgd']['median_ms']:.3f}"
-               if "torch_clip_sgd" in timed else "", **meta}
+               "floor_ms": f"{floor:.4g}", "ratio_to_floor": f"{to_floor:.3f}",
+               "ratio_clip_sgd": f"{paired_ratio(timed, name, 'torch_clip_sgd'):.3f}"
+               if "torch_clip_sgd" in timed else "", "rounds": len(t["round_ms"]), **meta}
         notes = [t.get("note", "")]
         if p.kind == "ours":
             row["floor_target"] = FLOOR_TARGET
-            row["floor_met"] = "yes" if med / floor <= FLOOR_TARGET else "no"
+            row["floor_met"] = "yes" if to_floor <= FLOOR_TARGET else "no"
             if name in ("momo", "momo_adam") and "torch_adam_fused" in timed:
-                row["ratio_adam"] = f"{med / timed['torch_adam_fused']['median_ms']:.3f}"
+                row["ratio_adam"] = f"{paired_ratio(timed, name, 'torch_adam_fused'):.3f}"
             if p.peer in timed:
-                ratio = med / timed[p.peer]["median_ms"]
+                ratio = paired_ratio(timed, name, p.peer)
                 row.update(peer=p.peer, ratio_peer=f"{ratio:.3f}")
                 target = time_target(name, layout.name)
                 if target is not None:
@@ -559,10 +585,13 @@ def markdown(rows: list[dict], cond: dict, profiles: dict | None = None) -> str:
              f"the foreach path's CPU passes: {cond['cpu_loops']}",
              f"- command: `{cond['command']}`; {cond['reps']} timed steps per provider in "
              f"{cond['rounds']} interleaved rounds, float32; {cond['malloc']}", "",
-             "Times: median ms per step (20th-80th percentile). x clip+SGD, x Adam: the median "
-             "over torch's clip_grad_norm_(foreach) + SGD(foreach) and Adam(fused). B/param: "
+             "Times: median ms per step (20th-80th percentile). x clip+SGD, x peer, x Adam: "
+             "the median over rounds of the step's time over torch's clip_grad_norm_(foreach) + "
+             "SGD(foreach), the peer, or Adam(fused) timed in the same round (the machine's slow "
+             "and fast phases cancel). B/param: "
              "counted per op (the method's budget, its minimum traffic, in brackets). floor = the "
-             "budget x params / the bandwidth torch's SGD(foreach) reached on the layout. peak "
+             "budget x params / the bandwidth torch's SGD(foreach) reached on the layout; "
+             "x floor: the paired ratio to torch's SGD x its bytes / the budget. peak "
              "extra MB: the "
              "resident high-water mark over 3 steps beyond the tensors and the state (state MB), "
              "each provider in a fresh process (compare torch SGD's row).", ""]
@@ -658,7 +687,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="tiny layouts, 3 steps, one memory subprocess (a smoke run)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per provider (45)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (15)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds (default: one per timed step)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma list of " + ", ".join(PROVIDERS))
@@ -695,7 +725,7 @@ def main(argv=None) -> Path:
         if n not in known:
             raise SystemExit(f"unknown layout {n!r}; known: {', '.join(known)}")
     reps = a.reps or (3 if a.quick else 45)
-    rounds = min(reps, a.rounds or (1 if a.quick else 15))
+    rounds = min(reps, a.rounds or (1 if a.quick else reps))
     if a.profile_only:
         reps, a.no_memory, a.no_profile = 0, True, False
     out = a.out or RESULTS / f"foreach_cpu_{_dt.date.today().isoformat()}"

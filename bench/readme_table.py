@@ -330,7 +330,10 @@ def foreach_block(path: Path | None = None) -> str:
         + "".join(f"; {m}" for m in machine) + f"; float32, "
         f"torch {first['torch']}, median of {first['reps']} steps "
         f"([{path.name}](bench/results/{path.name}), whose .md has the conditions, the floors "
-        f"and the targets). B/param: the bytes each step reads and writes per parameter, counted "
+        f"and the targets)."
+        + (f" x clip+SGD: the median over {first['rounds']} rounds of the step's time over "
+           f"torch's clip + SGD timed in the same round." if first.get("rounds") else "")
+        + f" B/param: the bytes each step reads and writes per parameter, counted "
         f"per op and compiled loop; extra MB: its peak resident memory beyond the tensors and "
         f"the state.",
         "",

@@ -89,6 +89,18 @@ def test_readme_block_rewrite(tmp_path):
     assert plain.read_text() == "no markers\n"
 
 
+def test_paired_ratio_compares_within_rounds():
+    """The ratios pair two providers' times round by round: a slow phase that caught one
+    provider's steps more often than the other's does not move the ratio, as it moves the ratio
+    of the two all-step medians (here 15 / 20)."""
+    timed = {"a": {"median_ms": 15.0, "round_ms": [10.0, 15.0, 15.0]},
+             "b": {"median_ms": 20.0, "round_ms": [20.0, 20.0, 30.0]}}
+    assert foreach_benchmark.paired_ratio(timed, "a", "b") == 0.5
+    assert foreach_benchmark.paired_ratio(timed, "b", "a") == 2.0
+    unpaired = {"a": {"median_ms": 3.0, "round_ms": []}, "b": {"median_ms": 4.0, "round_ms": []}}
+    assert foreach_benchmark.paired_ratio(unpaired, "a", "b") == 0.75
+
+
 def test_foreach_benchmark_quick(tmp_path):
     """`python -m bench.foreach_benchmark --quick` end to end (one thread: the run shares two
     cores with other jobs): every provider on both tiny layouts gets a row with every column,
@@ -111,7 +123,7 @@ def test_foreach_benchmark_quick(tmp_path):
     for r in rows:
         lay = quick[r["layout"]]
         assert int(r["n_params"]) == lay.n_params and int(r["n_tensors"]) == lay.n_tensors
-        assert int(r["reps"]) == 3
+        assert int(r["reps"]) == 3 and int(r["rounds"]) == 1
         for col in ("median_ms", "p20_ms", "p80_ms", "bytes_per_param", "sgd_gbps", "floor_ms",
                     "ratio_to_floor", "ratio_clip_sgd"):
             assert float(r[col]) > 0, (r["method"], col)

@@ -475,7 +475,8 @@ def time_layout(layout: L.Layout, names: list[str], *, reps: int, rounds: int, w
         i += 1
         ts = times[name] or [math.nan]
         out[name] = {"median_ms": pct(ts, 0.5), "p20_ms": pct(ts, 0.2), "p80_ms": pct(ts, 0.8),
-                     "reps": len(times[name]), "round_ms": round_ms[name], "bytes_per_param": counter.total() / layout.n_params,
+                     "reps": len(times[name]), "round_ms": round_ms[name],
+                     "bytes_per_param": counter.total() / layout.n_params,
                      "ops": dict(counter.ops), "profile": prof}
     finite = work.all_finite()
     del steps, opts, work
@@ -490,8 +491,7 @@ def time_layout(layout: L.Layout, names: list[str], *, reps: int, rounds: int, w
 # Rows, targets, tables
 # ------------------------------------------------------------------------------------------------
 COLUMNS = ("layout", "n_params", "n_tensors", "method", "label", "kind", "reps", "rounds",
-           "median_ms",
-           "p20_ms", "p80_ms", "bytes_per_param", "budget_bytes_per_param", "sgd_gbps",
+           "median_ms", "p20_ms", "p80_ms", "bytes_per_param", "budget_bytes_per_param", "sgd_gbps",
            "floor_ms", "ratio_to_floor", "floor_target", "floor_met", "ratio_clip_sgd",
            "ratio_adam", "peer", "ratio_peer", "time_target", "time_met", "peak_extra_mb",
            "state_mb", "sgd_peak_extra_mb", "extra_vs_params", "memory_met", "date", "git_sha",
